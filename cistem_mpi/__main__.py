@@ -1,0 +1,3 @@
+from cistem_mpi.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The ``cistem-mpi`` command.
+
+Each module in :mod:`cistem_mpi.drivers` that defines ``register(subparsers)``
+adds its own sub-command(s); this module only finds them, parses the command
+line and turns errors into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import traceback
+
+from cistem_mpi import __version__
+from cistem_mpi.errors import CistemError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump)."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse API
+        sys.stderr.write(f"error: {self.prog}: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser with every driver's sub-commands."""
+    parser = _Parser(
+        prog="cistem-mpi",
+        description="cisTEM's single-particle pipeline as an MPI job (rank 0 controls, ranks 1.. work).",
+    )
+    parser.add_argument("--version", action="version", version=f"cistem-mpi {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="<job>", parser_class=_Parser)
+    sub.required = True
+    import cistem_mpi.drivers as drivers
+
+    for mod in sorted(pkgutil.iter_modules(drivers.__path__), key=lambda m: m.name):
+        if mod.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"cistem_mpi.drivers.{mod.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        rc = args.func(args)
+        return int(rc or 0)
+    except CistemError as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except Exception as exc:  # an unexpected failure is still one line without --debug
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"error: internal error: {type(exc).__name__}: {exc} (run with --debug for details)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

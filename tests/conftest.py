@@ -1,0 +1,20 @@
+"""Shared fixtures: where the real data of other programs lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: Real files written by other programs (read only): ../shared/data beside the checkout.
+SHARED_DATA = Path(os.environ.get("CISTEM_MPI_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ``shared/data``; tests that need it skip (with the reason) if it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
