@@ -1,0 +1,68 @@
+"""Asset file names and display names, numbered from the database (SPEC §2)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+ASSET_DIRS = {
+    "class_averages": "Assets/ClassAverages",
+    "volumes": "Assets/Volumes",
+    "orth_views": "Assets/Volumes/OrthViews",
+    "parameters": "Assets/Parameters",
+    "particle_stacks": "Assets/ParticleStacks",
+}
+
+
+def next_classification_number(conn: sqlite3.Connection) -> int:
+    """The Classification # of the next 2D classification."""
+    return int(conn.execute("SELECT coalesce(max(number), 0) + 1 FROM classifications_2d").fetchone()[0])
+
+
+def class_averages_name(number: int) -> str:
+    """``class_averages_0004.mrc`` for Classification #4."""
+    return f"class_averages_{number:04d}.mrc"
+
+
+def next_refinement_run(conn: sqlite3.Connection) -> int:
+    """Run number of the next refinement (the first number in ``volume_<run>_<class>``)."""
+    return int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM refinements").fetchone()[0])
+
+
+def next_startup_run(conn: sqlite3.Connection) -> int:
+    """Run number of the next ab-initio (startup) job."""
+    row = conn.execute("SELECT coalesce(max(run_number), 0) + 1 FROM volumes WHERE kind = 'startup'").fetchone()
+    return int(row[0])
+
+
+def volume_file_name(kind: str, run: int, class_number: int) -> str:
+    """``startup_volume_<run>_<class>.mrc`` or ``volume_<run>_<class>.mrc``."""
+    prefix = "startup_volume" if kind == "startup" else "volume"
+    return f"{prefix}_{run}_{class_number}.mrc"
+
+
+def volume_display_name(kind: str, run: int, class_number: int, round_number: int = 0) -> str:
+    """The name cisTEM shows in its 3D Volumes panel.
+
+    Parameters
+    ----------
+    kind : {'startup', 'start', 'local', 'global'}
+        Ab-initio, starting parameters, local or global refinement.
+    run : int
+        Run (refinement) number.
+    class_number : int
+        Class, from 1.
+    round_number : int
+        Round of an auto-refinement (local/global only).
+    """
+    if kind == "startup":
+        return f"Volume From Startup #{run} - Class #{class_number}"
+    if kind == "start":
+        return f"Start Params #{run} - Class #{class_number}"
+    if kind in ("local", "global"):
+        return f"{kind.capitalize()} #{run} (Rnd. {round_number}) - Class #{class_number}"
+    raise ValueError(f"unknown volume kind {kind!r}")
+
+
+def orth_view_name(volume_file: str) -> str:
+    """OrthViews file for a volume: same name, in ``Assets/Volumes/OrthViews``."""
+    return f"{ASSET_DIRS['orth_views']}/{volume_file}"

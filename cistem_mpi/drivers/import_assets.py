@@ -1,0 +1,257 @@
+"""``cistem-mpi import``: movies, images, particle stacks with parameters, volumes.
+
+Imported files stay where they are (their absolute paths are recorded, as
+cisTEM does); everything is checked before anything is registered, so a bad
+file leaves the database exactly as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from cistem_mpi.db import naming
+from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
+from cistem_mpi.errors import InputError
+from cistem_mpi.io.params import Optics, ParticleSet
+
+#: Tolerance when comparing pixel sizes from two sources (Å).
+PIXEL_SIZE_TOLERANCE = 1e-3
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``import`` command."""
+    p = sub.add_parser("import", help="import movies, images, particle stacks (+ .par/.star) or volumes")
+    isub = p.add_subparsers(dest="what", metavar="<what>", required=True)
+
+    def optics(q: argparse.ArgumentParser, required: bool) -> None:
+        q.add_argument("--pixel-size", type=float, required=required, help="Å per pixel")
+        q.add_argument("--voltage", type=float, default=300.0, help="kV (default 300)")
+        q.add_argument("--cs", type=float, default=2.7, help="spherical aberration, mm (default 2.7)")
+        q.add_argument("--amplitude-contrast", type=float, default=0.07, help="fraction (default 0.07)")
+
+    m = isub.add_parser("movies", help="movie files (MRC, TIFF incl. LZW, EER)")
+    add_job_arguments(m)
+    m.add_argument("files", nargs="+")
+    optics(m, required=True)
+    m.add_argument("--dose-per-frame", type=float, required=True, help="e-/Å² per frame")
+    m.add_argument("--gain", help="gain reference (MRC, TIFF or DM4)")
+    m.add_argument("--gain-rotate", type=int, default=0, choices=(0, 90, 180, 270), help="rotate gain (degrees)")
+    m.add_argument("--gain-flip-x", action="store_true")
+    m.add_argument("--gain-flip-y", action="store_true")
+    m.add_argument("--eer-fractions", type=int, help="EER: group frames into this many fractions")
+    m.add_argument("--eer-upsampling", type=int, default=1, choices=(1, 2, 4))
+    m.set_defaults(func=lambda a: run_job(a, "import", _import_movies))
+
+    i = isub.add_parser("images", help="micrographs (MRC)")
+    add_job_arguments(i)
+    i.add_argument("files", nargs="+")
+    optics(i, required=False)
+    i.set_defaults(func=lambda a: run_job(a, "import", _import_images))
+
+    s = isub.add_parser("particles", help="a particle stack with .par/.star parameters -> refinement package")
+    add_job_arguments(s)
+    s.add_argument("stack", help="MRC particle stack (.mrcs/.mrc)")
+    s.add_argument("--params", action="append", required=True,
+                   help="Frealign X .par, cisTEM or RELION .star, cryoSPARC .cs; repeat once per class")
+    optics(s, required=False)
+    s.add_argument("--symmetry", default="C1")
+    s.add_argument("--name", help="refinement package name (default: stack file name)")
+    s.add_argument("--molecular-weight", type=float, help="kDa")
+    s.add_argument("--largest-dimension", type=float, help="Å")
+    s.set_defaults(func=lambda a: run_job(a, "import", _import_particles))
+
+    v = isub.add_parser("volume", help="a 3D map (MRC)")
+    add_job_arguments(v)
+    v.add_argument("file")
+    v.add_argument("--pixel-size", type=float)
+    v.add_argument("--name", help="display name (default: file name)")
+    v.set_defaults(func=lambda a: run_job(a, "import", _import_volume))
+
+
+def _existing(path: str) -> Path:
+    p = Path(path).absolute()
+    if not p.is_file():
+        raise InputError(p, "file not found")
+    return p
+
+
+# --------------------------------------------------------------------- movies
+def _import_movies(ctx: JobContext) -> dict:
+    if not ctx.is_controller:
+        return {}
+    from cistem_mpi.io.gain import read_gain
+    from cistem_mpi.io.movies import open_movie
+
+    a = ctx.args
+    gain = None
+    if a["gain"]:
+        gain_path = _existing(a["gain"])
+        gain = read_gain(gain_path, rotate=a["gain_rotate"], flip_x=a["gain_flip_x"], flip_y=a["gain_flip_y"])
+    files = [_existing(f) for f in a["files"]]
+    for n, path in enumerate(files, 1):
+        movie = open_movie(path, eer_fractions=a["eer_fractions"], eer_upsampling=a["eer_upsampling"])
+        try:
+            n_frames = len(movie)
+            ny, nx = movie.shape[-2:]
+        finally:
+            close = getattr(movie, "close", None)
+            if close:
+                close()
+        if gain is not None and gain.shape != (ny, nx):
+            raise InputError(a["gain"], f"gain reference is {gain.shape[1]}x{gain.shape[0]} but movie {path} is {nx}x{ny}")
+        ctx.register(
+            "movies", path=str(path), name=path.stem, n_frames=n_frames, nx=nx, ny=ny,
+            pixel_size=a["pixel_size"], voltage=a["voltage"], cs=a["cs"],
+            amplitude_contrast=a["amplitude_contrast"], dose_per_frame=a["dose_per_frame"],
+            gain_path=str(_existing(a["gain"])) if a["gain"] else None,
+        )
+        ctx.progress(n, len(files))
+    return {"movies": len(files)}
+
+
+# --------------------------------------------------------------------- images
+def _import_images(ctx: JobContext) -> dict:
+    if not ctx.is_controller:
+        return {}
+    from cistem_mpi.io.mrc import open_stack
+
+    a = ctx.args
+    files = [_existing(f) for f in a["files"]]
+    for n, path in enumerate(files, 1):
+        with open_stack(path, pixel_size=a["pixel_size"]) as img:
+            if len(img) != 1:
+                raise InputError(path, f"expected one image, found {len(img)} sections")
+            ny, nx = img.shape[-2:]
+            pixel_size = _pixel_size(path, img.pixel_size, a["pixel_size"])
+        ctx.register(
+            "images", path=str(path), name=path.stem, nx=nx, ny=ny, pixel_size=pixel_size,
+            voltage=a["voltage"], cs=a["cs"], amplitude_contrast=a["amplitude_contrast"],
+        )
+        ctx.progress(n, len(files))
+    return {"images": len(files)}
+
+
+def _pixel_size(path: Path, from_file: float | None, from_user: float | None) -> float:
+    """The pixel size to use; a user's value wins over an unset header (0 or 1)."""
+    if from_user is not None:
+        if from_user <= 0:
+            raise InputError("--pixel-size", f"must be positive, got {from_user}")
+        return float(from_user)
+    if from_file is None or from_file <= 0 or abs(from_file - 1.0) < 1e-6:
+        raise InputError(path, "header has no usable pixel size; give --pixel-size")
+    return float(from_file)
+
+
+# ------------------------------------------------------------------ particles
+def read_particle_params(path: Path, pixel_size: float | None, n_in_stack: int) -> ParticleSet:
+    """Read one parameter file (.par/.star/.cs) and check it against the stack."""
+    suffix = path.suffix.lower()
+    if suffix == ".par":
+        from cistem_mpi.io.par import read_par
+
+        params = read_par(path)
+        if pixel_size is None:
+            raise InputError(path, ".par files carry no pixel size; give --pixel-size")
+        ps = ParticleSet(params=params, optics=[Optics(pixel_size=pixel_size)])
+    elif suffix == ".star":
+        from cistem_mpi.io.star import read_star
+
+        ps = read_star(path, pixel_size=pixel_size)
+    elif suffix == ".cs":
+        from cistem_mpi.io.cryosparc import read_cs
+
+        ps = read_cs(path)
+    else:
+        raise InputError(path, "unknown parameter file type (expected .par, .star or .cs)")
+    if len(ps) == 0:
+        raise InputError(path, "no particles in parameter file")
+    pos = ps.params["position"]
+    if pos.min() < 1 or pos.max() > n_in_stack:
+        bad = int(pos[(pos < 1) | (pos > n_in_stack)][0])
+        raise InputError(path, f"refers to particle {bad}, but the stack has {n_in_stack} particles")
+    return ps
+
+
+def _import_particles(ctx: JobContext) -> dict:
+    if not ctx.is_controller:
+        return {}
+    from cistem_mpi.io.mrc import open_stack
+    from cistem_mpi.io.par import write_par
+    from cistem_mpi.io.param_store import write_params_h5
+    from cistem_mpi.io.star import write_cistem_star
+
+    a = ctx.args
+    assert ctx.project is not None
+    stack_path = _existing(a["stack"])
+    with open_stack(stack_path, pixel_size=a["pixel_size"]) as stack:
+        n, ny, nx = len(stack), stack.shape[-2], stack.shape[-1]
+        header_ps = stack.pixel_size
+    if nx != ny:
+        raise InputError(stack_path, f"particle images must be square, got {nx}x{ny}")
+    sets = [read_particle_params(_existing(p), a["pixel_size"], n) for p in a["params"]]
+    pixel_size = a["pixel_size"] or float(sets[0].optics[0].pixel_size)
+    for p, s in zip(a["params"], sets):
+        for o in s.optics:
+            if abs(o.pixel_size - pixel_size) > PIXEL_SIZE_TOLERANCE:
+                raise InputError(p, f"pixel size {o.pixel_size} Å does not match {pixel_size} Å")
+        if len(s) != len(sets[0]):
+            raise InputError(p, f"has {len(s)} particles but {a['params'][0]} has {len(sets[0])}")
+    if header_ps and abs(header_ps - 1.0) > 1e-6 and abs(header_ps - pixel_size) > PIXEL_SIZE_TOLERANCE:
+        raise InputError(stack_path, f"header pixel size {header_ps:.4f} Å does not match {pixel_size:.4f} Å")
+    optics = sets[0].optics[0]
+    conn = ctx.project.conn
+    run = naming.next_refinement_run(conn)
+    stack_row = ctx.register(
+        "particle_stacks", path=str(stack_path), name=stack_path.stem, n_particles=n, box=nx, pixel_size=pixel_size,
+        voltage=a["voltage"] if a["voltage"] is not None else optics.voltage, cs=optics.cs,
+        amplitude_contrast=optics.amplitude_contrast,
+    )
+    n_classes = len(sets)
+    package = ctx.register(
+        "refinement_packages", name=a["name"] or stack_path.stem, stack_id=stack_row, n_classes=n_classes,
+        symmetry=a["symmetry"].upper(), molecular_weight=a["molecular_weight"],
+        largest_dimension=a["largest_dimension"], n_particles=len(sets[0]),
+    )
+    refinement = ctx.register("refinements", package_id=package, kind="start", round=0, n_classes=n_classes)
+    occ = np.stack([s.params["occ"] for s in sets])
+    best_class = occ.argmax(axis=0) + 1
+    param_dir = ctx.project.root / naming.ASSET_DIRS["parameters"]
+    for c, s in enumerate(sets, 1):
+        base = param_dir / f"params_{run}_{c}"
+        write_params_h5(base.with_suffix(".h5"), s.params, {"pixel_size": pixel_size, "symmetry": a["symmetry"]})
+        write_par(base.with_suffix(".par"), s.params)
+        write_cistem_star(base.with_suffix(".star"), s)
+        ctx.register("refinement_classes", refinement_id=refinement, class_number=c,
+                     params_path=base.with_suffix(".h5"), occupancy=float(s.params["occ"].mean()))
+    _register_members(ctx, package, sets[0].params["position"], best_class)
+    ctx.progress(1, 1)
+    return {"particles": len(sets[0]), "classes": n_classes, "refinement_run": run}
+
+
+def _register_members(ctx: JobContext, package, positions: np.ndarray, classes: np.ndarray) -> None:
+    rows = zip(range(1, len(positions) + 1), positions.tolist(), classes.tolist())
+    ctx.register_many("refinement_package_members", ("position", "parent_position", "class_number"), rows,
+                      package_id=package)
+
+
+# --------------------------------------------------------------------- volume
+def _import_volume(ctx: JobContext) -> dict:
+    if not ctx.is_controller:
+        return {}
+    from cistem_mpi.io.mrc import read_mrc
+
+    a = ctx.args
+    path = _existing(a["file"])
+    data, header_ps = read_mrc(path, pixel_size=a["pixel_size"])
+    if data.ndim != 3 or len(set(data.shape)) != 1:
+        raise InputError(path, f"expected a cubic 3D map, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise InputError(path, "map contains NaN or infinite values")
+    pixel_size = _pixel_size(path, header_ps, a["pixel_size"])
+    ctx.register("volumes", path=str(path), display_name=a["name"] or path.stem, kind="imported",
+                 box=int(data.shape[0]), pixel_size=pixel_size)
+    return {"volume": str(path)}
+

@@ -1,0 +1,232 @@
+"""FFTs with plans built once and reused, and the centring conventions.
+
+Every transform in the package goes through this module.  With pyfftw the
+plans are made by :mod:`pyfftw.builders` once per (kind, shape, dtype, axes)
+and kept in a process-wide cache; without pyfftw :mod:`scipy.fft` is used.
+
+Plans use ``FFTW_ESTIMATE`` and one thread by default: FFTW_MEASURE may pick a
+different algorithm on every run, which changes the last bits of the result,
+and cistem-mpi promises bit-for-bit repeatable output for a given input.  One
+MPI rank per core is the parallel model, so one thread per transform is right.
+
+Conventions
+-----------
+* Real-space arrays are indexed ``[y, x]`` (images) and ``[z, y, x]``
+  (volumes), x fastest, as MRC files store them.
+* The centre of a box of size N is the voxel ``N // 2`` (cisTEM, RELION).
+* :func:`ft2`/:func:`ftn` first move the centre to index 0
+  (``ifftshift``) and then transform, so that a centred object has a real,
+  non-oscillating transform.  The result is the "rfft half layout": the
+  last axis holds frequencies ``0 .. N//2`` and the other axes hold
+  frequencies in ``numpy.fft.fftfreq`` order (0, 1, ..., -1).
+* No scaling is applied on the forward transform; the inverse divides by the
+  number of samples (numpy's convention), so ``ift2(ft2(a)) == a``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import numpy as np
+import scipy.fft as _sfft
+
+try:  # pyfftw is a hard dependency, but keep the fallback working
+    import pyfftw
+    import pyfftw.builders as _builders
+
+    _HAVE_PYFFTW = True
+except Exception:  # pragma: no cover - exercised only without pyfftw
+    _HAVE_PYFFTW = False
+
+__all__ = [
+    "rfftn", "irfftn", "fftn", "ifftn", "ft2", "ift2", "ftn", "iftn",
+    "plan_cache_info", "clear_plan_cache", "use_pyfftw",
+]
+
+_lock = threading.Lock()
+_cache: dict[tuple, Callable[[np.ndarray], np.ndarray]] = {}
+_use_pyfftw = _HAVE_PYFFTW
+_threads = 1
+
+
+def use_pyfftw(flag: bool | None = None, threads: int | None = None) -> bool:
+    """Query or set whether pyfftw plans are used (scipy.fft otherwise).
+
+    Parameters
+    ----------
+    flag : bool, optional
+        ``True`` to use pyfftw (if importable), ``False`` for scipy.fft.
+    threads : int, optional
+        Threads per transform for plans made from now on.
+
+    Returns
+    -------
+    bool
+        Whether pyfftw is in use after the call.
+    """
+    global _use_pyfftw, _threads
+    if flag is not None:
+        _use_pyfftw = bool(flag) and _HAVE_PYFFTW
+        clear_plan_cache()
+    if threads is not None:
+        _threads = max(1, int(threads))
+        clear_plan_cache()
+    return _use_pyfftw
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached plan."""
+    with _lock:
+        _cache.clear()
+
+
+def plan_cache_info() -> dict[str, int]:
+    """Return ``{"plans": number of cached plans}`` (for tests and logs)."""
+    return {"plans": len(_cache)}
+
+
+def _plan(kind: str, shape: tuple[int, ...], dtype: np.dtype, axes: tuple[int, ...],
+          out_len: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    key = (kind, shape, np.dtype(dtype).str, axes, out_len, _use_pyfftw, _threads)
+    fn = _cache.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        fn = _cache.get(key)
+        if fn is not None:
+            return fn
+        fn = _make_plan(kind, shape, np.dtype(dtype), axes, out_len)
+        _cache[key] = fn
+    return fn
+
+
+def _make_plan(kind: str, shape: tuple[int, ...], dtype: np.dtype, axes: tuple[int, ...],
+               out_len: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    if _use_pyfftw:
+        template = pyfftw.empty_aligned(shape, dtype=dtype)
+        # avoid_copy=False: a call copies the caller's array into the plan's
+        # own input buffer, so inputs are never modified (c2r destroys its input).
+        kw = dict(axes=axes, planner_effort="FFTW_ESTIMATE", threads=_threads,
+                  avoid_copy=False, auto_align_input=True, auto_contiguous=True)
+        if kind == "rfftn":
+            obj = _builders.rfftn(template, **kw)
+        elif kind == "irfftn":
+            s = tuple(shape[a] for a in axes[:-1]) + (out_len,)
+            obj = _builders.irfftn(template, s=s, **kw)
+        elif kind == "fftn":
+            obj = _builders.fftn(template, **kw)
+        elif kind == "ifftn":
+            obj = _builders.ifftn(template, **kw)
+        else:  # pragma: no cover
+            raise ValueError(kind)
+        # The plan object owns its output buffer and reuses it on the next
+        # call, so hand out a copy.  Calls on one plan are serialised.
+        plan_lock = threading.Lock()
+
+        def run(a: np.ndarray, _obj=obj, _l=plan_lock) -> np.ndarray:
+            with _l:
+                return _obj(a).copy()
+
+        return run
+
+    if kind == "rfftn":
+        return lambda a: _sfft.rfftn(a, axes=axes, workers=_threads)
+    if kind == "irfftn":
+        s = tuple(shape[a] for a in axes[:-1]) + (out_len,)
+        return lambda a: _sfft.irfftn(a, s=s, axes=axes, workers=_threads)
+    if kind == "fftn":
+        return lambda a: _sfft.fftn(a, axes=axes, workers=_threads)
+    if kind == "ifftn":
+        return lambda a: _sfft.ifftn(a, axes=axes, workers=_threads)
+    raise ValueError(kind)  # pragma: no cover
+
+
+def _axes(a: np.ndarray, ndim: int | None, axes: tuple[int, ...] | None) -> tuple[int, ...]:
+    if axes is not None:
+        return tuple(ax % a.ndim for ax in axes)
+    n = a.ndim if ndim is None else ndim
+    return tuple(range(a.ndim - n, a.ndim))
+
+
+def rfftn(a: np.ndarray, axes: tuple[int, ...] | None = None) -> np.ndarray:
+    """Real-to-complex FFT over ``axes`` (default all), no centring.
+
+    float32 input gives complex64 output, float64 gives complex128.
+    """
+    a = np.asarray(a)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float32)
+    ax = _axes(a, None, axes)
+    return _plan("rfftn", a.shape, a.dtype, ax, None)(a)
+
+
+def irfftn(f: np.ndarray, n_last: int, axes: tuple[int, ...] | None = None) -> np.ndarray:
+    """Inverse of :func:`rfftn`; ``n_last`` is the real length of the last axis."""
+    f = np.asarray(f)
+    if f.dtype not in (np.complex64, np.complex128):
+        f = f.astype(np.complex64)
+    ax = _axes(f, None, axes)
+    return _plan("irfftn", f.shape, f.dtype, ax, int(n_last))(f)
+
+
+def fftn(a: np.ndarray, axes: tuple[int, ...] | None = None) -> np.ndarray:
+    """Complex FFT over ``axes`` (default all), no centring."""
+    a = np.asarray(a)
+    if a.dtype not in (np.complex64, np.complex128):
+        a = a.astype(np.complex64 if a.dtype != np.float64 else np.complex128)
+    ax = _axes(a, None, axes)
+    return _plan("fftn", a.shape, a.dtype, ax, None)(a)
+
+
+def ifftn(f: np.ndarray, axes: tuple[int, ...] | None = None) -> np.ndarray:
+    """Inverse complex FFT over ``axes`` (default all), scaled by 1/n."""
+    f = np.asarray(f)
+    if f.dtype not in (np.complex64, np.complex128):
+        f = f.astype(np.complex64)
+    ax = _axes(f, None, axes)
+    return _plan("ifftn", f.shape, f.dtype, ax, None)(f)
+
+
+def ft2(img: np.ndarray) -> np.ndarray:
+    """Centred real FFT of an image (or a stack ``[n, y, x]``), half layout.
+
+    The image centre (``N // 2``) is moved to index 0 before the transform.
+
+    Parameters
+    ----------
+    img : ndarray, shape (..., ny, nx), real
+
+    Returns
+    -------
+    ndarray, shape (..., ny, nx // 2 + 1), complex
+    """
+    img = np.asarray(img)
+    return rfftn(np.fft.ifftshift(img, axes=(-2, -1)), axes=(-2, -1))
+
+
+def ift2(f: np.ndarray, nx: int | None = None) -> np.ndarray:
+    """Inverse of :func:`ft2`: half-layout FT(s) to centred real image(s).
+
+    Parameters
+    ----------
+    f : ndarray, shape (..., ny, nx // 2 + 1), complex
+    nx : int, optional
+        Real x size (default: ``ny``, i.e. square images).
+    """
+    f = np.asarray(f)
+    n = f.shape[-2] if nx is None else nx
+    return np.fft.fftshift(irfftn(f, n, axes=(-2, -1)), axes=(-2, -1))
+
+
+def ftn(vol: np.ndarray) -> np.ndarray:
+    """Centred real FFT of a volume ``[z, y, x]``, half layout (see :func:`ft2`)."""
+    vol = np.asarray(vol)
+    return rfftn(np.fft.ifftshift(vol))
+
+
+def iftn(f: np.ndarray, nx: int | None = None) -> np.ndarray:
+    """Inverse of :func:`ftn`; ``nx`` defaults to the z size (cubic volumes)."""
+    f = np.asarray(f)
+    n = f.shape[0] if nx is None else nx
+    return np.fft.fftshift(irfftn(f, n))
