@@ -13,8 +13,6 @@ import argparse
 import json
 import logging
 import shutil
-import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from typing import Any
 
 from cistem_mpi.db import jobs as jobs_db
 from cistem_mpi.db.project import Project
+from cistem_mpi.drivers.runtime import FailureInfo, Progress, World, get_world, guarded
 from cistem_mpi.errors import CistemError, InputError, JobFailed
 
 #: Scratch folder of each job type (cisTEM's names where the seed has them).
@@ -38,12 +37,8 @@ SCRATCH_FOLDERS: dict[str, str] = {
 PROGRESS_DB_INTERVAL = 2.0
 #: Seconds between plain progress lines in the log.
 PROGRESS_LOG_INTERVAL = 10.0
-
-
-class JobCancelled(CistemError):
-    """SIGTERM (``scancel``) or Ctrl-C stopped the job."""
-
-    exit_code = 130
+#: Exception types that mean the user stopped the job (scancel, Ctrl-C).
+CANCEL_TYPES = ("Terminated", "KeyboardInterrupt")
 
 
 def scratch_folder(job_type: str) -> str:
@@ -62,10 +57,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 class JobContext:
     """What a job body gets.  Attributes marked (rank 0) are None elsewhere."""
 
-    comm: Any
-    rank: int
-    size: int
-    host: str
+    world: World
     job_id: int
     job_type: str
     scratch: Path
@@ -76,15 +68,28 @@ class JobContext:
     project: Project | None = None  # (rank 0)
     result: dict[str, Any] = field(default_factory=dict)  # (rank 0) stored with the record
     _rows: list[jobs_db.PendingRow | jobs_db.PendingBulk] = field(default_factory=list)
-    _last_db: float = 0.0
-    _last_log: float = 0.0
-    _t0: float = field(default_factory=time.monotonic)
-    _tty: bool = False
+    _meter: Progress | None = None
+    _last_db: float = -1e300
+
+    @property
+    def rank(self) -> int:
+        """This process's MPI rank."""
+        return self.world.rank
+
+    @property
+    def size(self) -> int:
+        """Number of ranks in the job."""
+        return self.world.size
+
+    @property
+    def host(self) -> str:
+        """Host name of this rank."""
+        return self.world.host
 
     @property
     def is_controller(self) -> bool:
         """True on rank 0."""
-        return self.rank == 0
+        return self.world.rank == 0
 
     def register(self, table: str, **fields: Any) -> jobs_db.PendingRow:
         """Register a row (an asset) to insert when the job finishes (rank 0).
@@ -112,44 +117,24 @@ class JobContext:
         self._rows.append(jobs_db.PendingBulk(table, fixed, tuple(columns), rows))
 
     def progress(self, done: int, total: int, message: str = "") -> None:
-        """Report progress (rank 0): terminal bar, log line, job record."""
+        """Report progress (rank 0): terminal bar, plain log lines, the job record.
+
+        Safe to call often: the log gets a line every
+        :data:`PROGRESS_LOG_INTERVAL` s and the database a write every
+        :data:`PROGRESS_DB_INTERVAL` s (and both at the end).
+        """
         if self.project is None:
             return
+        if self._meter is None:
+            tty = sys.stderr.isatty()
+            self._meter = Progress(self.job_type, stream=sys.stderr if tty else None, interval=PROGRESS_LOG_INTERVAL)
+        line = self._meter.update(done, total, message)
+        if line is not None:
+            self.log.info("progress %s", line)
         now = time.monotonic()
-        elapsed = now - self._t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else float("inf")
-        finished = done >= total
-        text = f"{done}/{total} ({rate:.1f}/s, ETA {_fmt_seconds(eta)})" + (f" {message}" if message else "")
-        if self._tty:
-            width = 30
-            filled = int(width * done / total) if total else width
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\033[K" + ("\n" if finished else ""))
-            sys.stderr.flush()
-        if finished or now - self._last_log >= PROGRESS_LOG_INTERVAL:
-            self._last_log = now
-            self.log.info("progress %s", text)
-        if finished or now - self._last_db >= PROGRESS_DB_INTERVAL:
+        if done >= total or now - self._last_db >= PROGRESS_DB_INTERVAL:
             self._last_db = now
-            jobs_db.update_progress(self.project.conn, self.job_id, done, total, message)
-
-
-def _fmt_seconds(s: float) -> str:
-    if s == float("inf"):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def _world() -> tuple[Any, int, int]:
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    return comm, comm.Get_rank(), comm.Get_size()
-
-
-def _sigterm(signum: int, frame: Any) -> None:
-    raise JobCancelled(f"job received signal {signum}")
+            jobs_db.update_progress(self.project.conn, self.job_id, done, total, self._meter.line())
 
 
 def run_job(args: argparse.Namespace, job_type: str, body: Callable[[JobContext], Any]) -> int:
@@ -163,110 +148,124 @@ def run_job(args: argparse.Namespace, job_type: str, body: Callable[[JobContext]
     job_type : str
         Name of the job (``import``, ``reconstruct``, ...).
     body : callable
-        ``body(ctx) -> dict | None``; runs on every rank.  Its return value
-        on rank 0 is merged into ``ctx.result``.
+        ``body(ctx) -> dict | None``; runs on every rank inside the runtime's
+        guard (a failure on any rank stops all of them).  Its return value on
+        rank 0 is merged into ``ctx.result``.
+
+    Raises
+    ------
+    InputError
+        Bad input found on rank 0: the job record, scratch and log are
+        removed again, so the project is exactly as before.
+    JobFailed
+        Any other failure; the record says ``failed`` (or ``cancelled``) with
+        the rank, host and message.
     """
-    comm, rank, size = _world()
-    host = socket.gethostname()
-    signal.signal(signal.SIGTERM, _sigterm)
+    world = get_world()
     project: Project | None = None
     setup: dict[str, Any] | None = None
-    log = logging.getLogger(f"cistem_mpi.job.{job_type}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-    if rank == 0:
+    if world.is_controller:
         try:
             project = Project.open(args.project)
-            setup = _start(project, args, job_type, size)
+            setup = _start(project, args, job_type, world.size)
         except BaseException as exc:  # tell the workers not to wait for a job id
-            if size > 1:
-                comm.bcast({"error": str(exc)}, root=0)
+            world.bcast({"error": str(exc)})
             if project is not None:
                 project.close()
             raise
-    if size > 1:
-        setup = comm.bcast(setup, root=0)
-        if "error" in setup:
-            return 2
-    assert setup is not None
+    setup = world.bcast(setup)
+    if "error" in setup:
+        raise JobFailed(f"rank {world.rank} on {world.host}: job not started: {setup['error']}")
+    log = _job_logger(job_type, world, setup)
     ctx = JobContext(
-        comm=comm, rank=rank, size=size, host=host, job_id=setup["job_id"], job_type=job_type,
-        scratch=Path(setup["scratch"]), checkpoint_dir=Path(setup["scratch"]) / "checkpoints",
-        log=log, resumed_from=setup["resumed_from"], project=project,
-        args={k: v for k, v in vars(args).items() if k != "func"},
+        world=world, job_id=setup["job_id"], job_type=job_type, scratch=Path(setup["scratch"]),
+        checkpoint_dir=Path(setup["scratch"]) / "checkpoints", log=log, resumed_from=setup["resumed_from"],
+        project=project, args={k: v for k, v in vars(args).items() if k != "func"},
     )
-    if rank == 0:
-        fh = logging.FileHandler(setup["log_path"])
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(fh)
-        sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(logging.Formatter(f"[{job_type} #{ctx.job_id}] %(message)s"))
-        sh.setLevel(logging.INFO)
-        log.addHandler(sh)
-        ctx._tty = sys.stderr.isatty()
-        log.info("job %d (%s) started: %d rank(s), controller on %s, project %s", ctx.job_id, job_type, size, host,
-                 project.root if project else "")
-    else:
-        sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(logging.Formatter(f"[{job_type} #{ctx.job_id} rank {rank}@{host}] %(message)s"))
-        sh.setLevel(logging.WARNING)
-        log.addHandler(sh)
+    t0 = time.monotonic()
+    bad_input: list[InputError] = []
+
+    def record_failure(info: FailureInfo) -> None:  # rank 0, after every rank stopped
+        assert project is not None
+        if bad_input and info.rank == 0:
+            _forget(project, ctx, setup)
+            return
+        status = "cancelled" if info.exc_type in CANCEL_TYPES else "failed"
+        jobs_db.end_job(project.conn, ctx.job_id, status, info.line())
+        log.error("job %d %s: %s (scratch kept for post-mortem: %s)", ctx.job_id, status, info.line(), ctx.scratch)
+
     try:
-        out = body(ctx)
-        if rank == 0:
-            assert project is not None
-            if isinstance(out, dict):
-                ctx.result.update(out)
-            jobs_db.finish_job(project.conn, ctx.job_id, ctx._rows, ctx.result)
-            log.info("job %d finished in %.1f s; registered %d record(s)", ctx.job_id,
-                     time.monotonic() - ctx._t0, len(ctx._rows))
+        with guarded(world, on_failure=record_failure):
+            try:
+                out = body(ctx)
+            except InputError as exc:
+                if world.is_controller:
+                    bad_input.append(exc)
+                raise
+            if world.is_controller:
+                assert project is not None
+                if isinstance(out, dict):
+                    ctx.result.update(out)
+                if ctx._meter is not None:
+                    ctx._meter.close()
+                jobs_db.finish_job(project.conn, ctx.job_id, ctx._rows, ctx.result)
+        if world.is_controller:
+            log.info("job %d finished in %.1f s on %d rank(s); registered %d record set(s)", ctx.job_id,
+                     time.monotonic() - t0, world.size, len(ctx._rows))
             if not args.keep_scratch:
                 shutil.rmtree(ctx.scratch, ignore_errors=True)
         return 0
-    except BaseException as exc:
-        cancelled = isinstance(exc, (JobCancelled, KeyboardInterrupt))
-        message = str(exc) if isinstance(exc, CistemError) else f"{type(exc).__name__}: {exc}"
-        if rank == 0 and project is not None and isinstance(exc, InputError):
-            # Bad input: the job never really started.  Leave the database and
-            # the project as they were (SPEC §6): no record, no scratch, no log.
-            jobs_db.delete_job(project.conn, ctx.job_id)
-            for h in list(log.handlers):
-                h.close()
-                log.removeHandler(h)
-            Path(setup["log_path"]).unlink(missing_ok=True)
-            try:
-                Path(setup["log_path"]).parent.rmdir()  # only if this was the first job
-            except OSError:
-                pass
-            if ctx.resumed_from is None:
-                shutil.rmtree(ctx.scratch, ignore_errors=True)
-        elif rank == 0 and project is not None:
-            if not isinstance(exc, JobFailed):
-                message = f"rank 0 on {host}: {message}"
-            try:
-                jobs_db.end_job(project.conn, ctx.job_id, "cancelled" if cancelled else "failed", message)
-            finally:
-                log.error("job %d %s: %s (scratch kept for post-mortem: %s)", ctx.job_id,
-                          "cancelled" if cancelled else "failed", message, ctx.scratch)
-        if size > 1 and not isinstance(exc, JobFailed):
-            # The failure did not come through the task queue, so other ranks
-            # may be waiting in a collective: stop them all now.
-            sys.stderr.write(f"error: rank {rank} on {host}: {message}\n")
-            sys.stderr.flush()
-            comm.Abort(3)
-        if isinstance(exc, CistemError):
-            raise
-        if cancelled:
-            raise JobCancelled(message) from exc
-        raise JobFailed(message) from exc
+    except CistemError:
+        raise
+    except Exception as exc:  # one rank (the guard re-raises as is): same one-line failure as with many
+        raise JobFailed(f"rank {world.rank} on {world.host}: {type(exc).__name__}: {exc}") from exc
     finally:
+        if ctx._meter is not None:
+            ctx._meter.close()
         for h in list(log.handlers):
             h.close()
             log.removeHandler(h)
         if project is not None:
             project.close()
+
+
+def _job_logger(job_type: str, world: World, setup: dict[str, Any]) -> logging.Logger:
+    """Rank 0 logs to the job's log file and stderr; workers only warn on stderr."""
+    log = logging.getLogger(f"cistem_mpi.job.{job_type}.{setup['job_id']}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    sh = logging.StreamHandler(sys.stderr)
+    if world.is_controller:
+        fh = logging.FileHandler(setup["log_path"])
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
+        sh.setFormatter(logging.Formatter(f"[{job_type} #{setup['job_id']}] %(message)s"))
+        sh.setLevel(logging.INFO)
+        log.info("job %d (%s) started: %d rank(s), controller on %s", setup["job_id"], job_type, world.size, world.host)
+    else:
+        sh.setFormatter(logging.Formatter(f"[{job_type} #{setup['job_id']} rank {world.rank}@{world.host}] %(message)s"))
+        sh.setLevel(logging.WARNING)
+    log.addHandler(sh)
+    return log
+
+
+def _forget(project: Project, ctx: JobContext, setup: dict[str, Any]) -> None:
+    """Bad input: the job never really started.  Remove its record, scratch and log (SPEC §6)."""
+    jobs_db.delete_job(project.conn, ctx.job_id)
+    for h in list(ctx.log.handlers):
+        if isinstance(h, logging.FileHandler):
+            h.close()
+            ctx.log.removeHandler(h)
+    log_path = Path(setup["log_path"])
+    log_path.unlink(missing_ok=True)
+    try:
+        log_path.parent.rmdir()  # only if this was the first job
+    except OSError:
+        pass
+    if ctx.resumed_from is None:
+        shutil.rmtree(ctx.scratch, ignore_errors=True)
 
 
 def _start(project: Project, args: argparse.Namespace, job_type: str, size: int) -> dict[str, Any]:
