@@ -146,6 +146,12 @@ def _pixel_size(path: Path, from_file: float | None, from_user: float | None) ->
 
 
 # ------------------------------------------------------------------ particles
+def check_header_pixel_size(path: Path, header_ps: float, pixel_size: float) -> None:
+    """A header with a real pixel size (not 0 or 1) must agree with the one in use."""
+    if header_ps and abs(header_ps - 1.0) > 1e-6 and abs(header_ps - pixel_size) > PIXEL_SIZE_TOLERANCE:
+        raise InputError(path, f"header pixel size {header_ps:.4f} Å does not match {pixel_size:.4f} Å")
+
+
 def read_particle_params(path: Path, pixel_size: float | None, n_in_stack: int) -> ParticleSet:
     """Read one parameter file (.par/.star/.cs) and check it against the stack."""
     suffix = path.suffix.lower()
@@ -188,7 +194,7 @@ def _import_particles(ctx: JobContext) -> dict:
     stack_path = _existing(a["stack"])
     with open_stack(stack_path, pixel_size=a["pixel_size"]) as stack:
         n, ny, nx = len(stack), stack.shape[-2], stack.shape[-1]
-        header_ps = stack.pixel_size
+        header_ps = stack.header.pixel_size
     if nx != ny:
         raise InputError(stack_path, f"particle images must be square, got {nx}x{ny}")
     sets = [read_particle_params(_existing(p), a["pixel_size"], n) for p in a["params"]]
@@ -199,8 +205,7 @@ def _import_particles(ctx: JobContext) -> dict:
                 raise InputError(p, f"pixel size {o.pixel_size} Å does not match {pixel_size} Å")
         if len(s) != len(sets[0]):
             raise InputError(p, f"has {len(s)} particles but {a['params'][0]} has {len(sets[0])}")
-    if header_ps and abs(header_ps - 1.0) > 1e-6 and abs(header_ps - pixel_size) > PIXEL_SIZE_TOLERANCE:
-        raise InputError(stack_path, f"header pixel size {header_ps:.4f} Å does not match {pixel_size:.4f} Å")
+    check_header_pixel_size(stack_path, header_ps, pixel_size)
     optics = sets[0].optics[0]
     conn = ctx.project.conn
     run = naming.next_refinement_run(conn)

@@ -1,0 +1,416 @@
+"""``cistem-mpi reconstruct``: particles + parameters -> volume, half maps, FSC (cisTEM's reconstruct3d).
+
+Parallel layout (SPEC §1): rank 0 hands out chunks of particles; every rank
+that inserts keeps its own padded accumulators (two half sets); the
+accumulators are summed by reduce-scatter along z so each rank holds and
+normalises one slab; small per-shell sums are all-reduced to estimate the
+FSC and the Wiener regulariser; rank 0 gathers the normalised slabs, inverse
+transforms, writes the maps and registers them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cistem_mpi.db import naming
+from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
+from cistem_mpi.drivers.runtime import World, gather_z, map_chunks, reduce_scatter_z
+from cistem_mpi.errors import InputError
+from cistem_mpi.io.params import Optics, ParticleSet
+from cistem_mpi.kernels import backprojection as bp
+from cistem_mpi.kernels import reconstruction as rec
+from cistem_mpi.kernels.ctf import ctf_2d_stack
+from cistem_mpi.kernels.euler import rotation_matrix
+from cistem_mpi.kernels.fft import ft2
+from cistem_mpi.kernels.fsc import fsc as fsc_maps
+from cistem_mpi.kernels.fsc import resolution_at
+from cistem_mpi.kernels.masks import sphere_mask
+from cistem_mpi.kernels.projection import padded_size
+from cistem_mpi.kernels.shifts import phase_shift
+from cistem_mpi.kernels.symmetry import symmetry_matrices
+
+#: Rounds of FSC -> regulariser -> FSC before the final normalisation.
+WIENER_ITERATIONS = 3
+
+
+@dataclass
+class ReconstructionSettings:
+    """How to reconstruct (the job's options, shared by reconstruct and refine)."""
+
+    symmetry: str = "C1"
+    padding: float = 2.0
+    interpolation: str = "linear"  # trilinear insertion (the kernel's reconstruct mode)
+    resolution_limit: float = 0.0  # Å; 0 = Nyquist
+    mask_radius: float = 0.0  # Å; 0 = no mask for the reported FSC
+    score_weighting: float = 0.0  # Frealign score -> B-factor conversion; 0 = off
+    bfactor: float | None = None  # None = automatic (Guinier)
+    chunk_size: int | None = None
+
+
+@dataclass
+class Reconstruction:
+    """Result on rank 0 (None on the other ranks)."""
+
+    volume: np.ndarray
+    half1: np.ndarray
+    half2: np.ndarray
+    sharpened: np.ndarray
+    frequency: np.ndarray  # 1/Å per shell
+    fsc: np.ndarray  # half-map FSC (masked if a mask radius was given)
+    fsc_unmasked: np.ndarray
+    resolution: float  # Å at FSC = 0.143
+    bfactor: float
+    n_particles: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``reconstruct`` command."""
+    p = sub.add_parser("reconstruct", help="3D reconstruction with half maps, FSC, resolution, sharpened map")
+    add_job_arguments(p)
+    p.add_argument("--refinement", type=int, help="refinement run number in the project (default: the newest)")
+    p.add_argument("--stack", help="particle stack (instead of a refinement in the project)")
+    p.add_argument("--params", help=".par or .star parameters for --stack")
+    p.add_argument("--pixel-size", type=float, help="Å per pixel (for --stack with a .par)")
+    p.add_argument("--voltage", type=float, default=300.0)
+    p.add_argument("--cs", type=float, default=2.7)
+    p.add_argument("--amplitude-contrast", type=float, default=0.07)
+    p.add_argument("--symmetry", help="point group, e.g. C1, C4, D2, T, O, I (default: the package's)")
+    p.add_argument("--mask-radius", type=float, default=0.0, help="soft spherical mask radius for the FSC (Å)")
+    p.add_argument("--resolution-limit", type=float, default=0.0, help="insert data up to this resolution (Å)")
+    p.add_argument("--bfactor", default="auto", help="sharpening B-factor in Å² ('auto': Guinier fit)")
+    p.add_argument("--score-weighting", type=float, default=0.0,
+                   help="Frealign score-to-B-factor conversion (0: all particles weigh the same)")
+    p.add_argument("--padding", type=float, default=2.0)
+    p.set_defaults(func=lambda a: run_job(a, "reconstruct", _job))
+
+
+# ---------------------------------------------------------------- the kernel job
+def reconstruct_particles(
+    world: World,
+    stack_path: str,
+    particles: ParticleSet | None,
+    settings: ReconstructionSettings,
+    progress=None,
+) -> Reconstruction | None:
+    """Reconstruct one class from a particle stack on every rank of ``world``.
+
+    Parameters
+    ----------
+    world : World
+        All ranks call this (SPMD).
+    stack_path : str
+        The particle stack (every rank reads the images it is given).
+    particles : ParticleSet or None
+        Parameters (rank 0; ignored elsewhere).  Particles with negative FILM
+        or zero occupancy are left out.
+    settings : ReconstructionSettings
+    progress : callable, optional
+        ``progress(done, total)`` on rank 0.
+
+    Returns
+    -------
+    Reconstruction on rank 0, None elsewhere.
+    """
+    plan = None
+    if world.is_controller:
+        assert particles is not None
+        plan = _plan(stack_path, particles, settings)
+    plan = world.bcast(plan)
+    n, p = plan["box"], plan["padded"]
+    params = plan["params"]
+    d1, w1 = bp.new_accumulators(p)
+    d2, w2 = bp.new_accumulators(p)
+    worker = _Inserter(plan, settings, (d1, w1, d2, w2))
+    map_chunks(world, len(params), worker, chunk_size=settings.chunk_size, min_chunk=8, max_chunk=256,
+               progress=progress, keep=False)
+    worker.close()
+    # Sum over ranks; each rank keeps its z-slab of the sum (memory: accumulators + one slab).
+    slabs = [reduce_scatter_z(world, a) for a in (d1, w1, d2, w2)]
+    del d1, w1, d2, w2
+    z0 = slabs[0].z0
+    s_d1, s_w1, s_d2, s_w2 = (s.data for s in slabs)
+    shells = n // 2 + 1
+    reg_half = np.zeros(shells)
+    reg_full = np.zeros(shells)
+    fsc = np.zeros(shells)
+    for it in range(WIENER_ITERATIONS + 1):
+        sums = world.allreduce_sum(rec.slab_shell_sums(s_d1, s_w1, s_d2, s_w2, z0, p, n, reg_half, reg_half))
+        if it == 0:  # flat start: SSNR 1 in every shell
+            count = np.maximum(sums[5], 1.0)
+            reg_half = 0.5 * (sums[3] + sums[4]) / count
+            continue
+        fsc = rec.fsc_from_sums(sums)
+        reg_half, reg_full = rec.wiener_regularisers(sums, fsc)
+    v1 = rec.normalise_slab(s_d1, s_w1, z0, p, n, reg_half)
+    v2 = rec.normalise_slab(s_d2, s_w2, z0, p, n, reg_half)
+    vf = rec.normalise_slab(s_d1 + s_d2, s_w1 + s_w2, z0, p, n, reg_full)
+    full_shape = slabs[0].full_shape
+    g1, g2, gf = (gather_z(world, v, full_shape) for v in (v1, v2, vf))
+    if not world.is_controller:
+        return None
+    return _finish(plan, settings, g1, g2, gf, fourier_fsc=fsc)
+
+
+def _plan(stack_path: str, particles: ParticleSet, settings: ReconstructionSettings) -> dict[str, Any]:
+    """Check inputs and decide what to insert (rank 0)."""
+    from cistem_mpi.io.mrc import open_stack
+
+    params = particles.params
+    keep = (params["film"] >= 0) & (params["occ"] > 0)
+    if not keep.any():
+        raise InputError(stack_path, "no particles left to reconstruct (all excluded: negative FILM or zero occupancy)")
+    pixel_sizes = particles.pixel_sizes()
+    pixel_size = float(pixel_sizes[0])
+    if np.abs(pixel_sizes - pixel_size).max() > 1e-3:
+        raise InputError(stack_path, "particles have different pixel sizes; reconstruct each optics group alone")
+    with open_stack(stack_path, pixel_size=pixel_size) as stack:
+        count, ny, nx = stack.shape
+    if nx != ny:
+        raise InputError(stack_path, f"particle images must be square, got {nx}x{ny}")
+    pos = params["position"][keep]
+    if pos.min() < 1 or pos.max() > count:
+        bad = int(pos[(pos < 1) | (pos > count)][0])
+        raise InputError(stack_path, f"parameters refer to particle {bad}, but the stack has {count}")
+    for name in ("psi", "theta", "phi", "shx", "shy", "df1", "df2", "angast", "occ"):
+        if not np.isfinite(params[name][keep]).all():
+            raise InputError(stack_path, f"parameter column {name.upper()} contains NaN or infinite values")
+    optics = particles.optics[0]
+    sel = params[keep]
+    sel = sel[np.argsort(sel["position"], kind="stable")]  # stack order: sequential reads
+    symmetry_matrices(settings.symmetry)  # validates the symbol
+    return {
+        "stack": str(stack_path), "box": int(nx), "padded": padded_size(nx, settings.padding),
+        "pixel_size": pixel_size, "optics": optics, "params": sel,
+        "half": rec.half_sets(sel["position"]),
+        "score_b": rec.score_bfactors(sel["score"], settings.score_weighting),
+    }
+
+
+class _Inserter:
+    """Chunk function of the task queue: read, centre, CTF-weight and insert particles."""
+
+    def __init__(self, plan: dict[str, Any], settings: ReconstructionSettings, acc: tuple[np.ndarray, ...]):
+        self.plan = plan
+        self.settings = settings
+        self.acc = acc
+        self.stack = None
+        self.sym = symmetry_matrices(settings.symmetry)
+        n = plan["box"]
+        ps = plan["pixel_size"]
+        self.max_radius = n // 2 if not settings.resolution_limit else min(n // 2, n * ps / settings.resolution_limit)
+        fy = np.fft.fftfreq(n)[:, None]
+        fx = np.fft.rfftfreq(n)[None, :]
+        self.s2 = ((fy ** 2 + fx ** 2) / ps ** 2).astype(np.float32)  # (1/Å)^2 on the half grid
+
+    def __call__(self, start: int, stop: int, _data: Any) -> list[int]:
+        from cistem_mpi.io.mrc import open_stack
+
+        plan = self.plan
+        if self.stack is None:
+            self.stack = open_stack(plan["stack"], pixel_size=plan["pixel_size"])
+        rows = plan["params"][start:stop]
+        o: Optics = plan["optics"]
+        ps = plan["pixel_size"]
+        imgs = self.stack[rows["position"] - 1]
+        imgs = imgs - imgs.mean(axis=(1, 2), keepdims=True)
+        sd = imgs.std(axis=(1, 2), keepdims=True)
+        imgs = imgs / np.where(sd > 0, sd, 1.0)
+        f = phase_shift(ft2(imgs.astype(np.float32)), -rows["shx"] / ps, -rows["shy"] / ps)
+        ctf = ctf_2d_stack(plan["box"], ps, o.voltage, o.cs, o.amplitude_contrast,
+                           rows["df1"], rows["df2"], rows["angast"], rows["pshift"])
+        score_b = plan["score_b"][start:stop]
+        if np.any(score_b != 0):  # per-particle B: weight sqrt(w) on both c and F gives w*c*F and w*c^2
+            root_w = np.exp(-score_b[:, None, None] * self.s2[None] / 8.0).astype(np.float32)
+            ctf = ctf * root_w
+            f = f * root_w
+        rot = rotation_matrix(rows["phi"], rows["theta"], rows["psi"]).reshape(-1, 3, 3)
+        occ = (rows["occ"] / 100.0).astype(np.float32)
+        half = plan["half"][start:stop]
+        d1, w1, d2, w2 = self.acc
+        for h, (d, w) in ((1, (d1, w1)), (2, (d2, w2))):
+            m = half == h
+            if not m.any():
+                continue
+            for s in self.sym:  # each symmetry copy: insert at S @ R
+                bp.insert_slices(d, w, f[m], s[None] @ rot[m], ctf=ctf[m], image_weights=occ[m],
+                                 method=self.settings.interpolation, max_radius=self.max_radius)
+        return [1] * (stop - start)
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+            self.stack = None
+
+
+def _finish(plan: dict[str, Any], settings: ReconstructionSettings, g1: np.ndarray, g2: np.ndarray,
+            gf: np.ndarray, fourier_fsc: np.ndarray) -> Reconstruction:
+    """Inverse transforms, FSC, resolution and sharpening (rank 0)."""
+    n, ps = plan["box"], plan["pixel_size"]
+    half1 = bp.ft_to_volume(g1, n, settings.interpolation)
+    half2 = bp.ft_to_volume(g2, n, settings.interpolation)
+    volume = bp.ft_to_volume(gf, n, settings.interpolation)
+    freq, fsc_unmasked = fsc_maps(half1, half2)
+    if settings.mask_radius > 0:
+        mask = sphere_mask(n, settings.mask_radius / ps, edge=max(2.0, 6.0 / ps))
+        _, fsc_masked = fsc_maps(half1, half2, mask)
+    else:
+        fsc_masked = fsc_unmasked
+    resolution = resolution_at(freq, fsc_masked, 0.143, ps)
+    bfactor = settings.bfactor
+    if bfactor is None:
+        f = np.clip(fsc_unmasked, 0.0, 1.0)
+        wiener_weight = 2 * f / (1 + f)  # ~ the full map's SNR/(1+SNR) per shell
+        bfactor = rec.guinier_bfactor(volume, ps, low_resolution=10.0, high_resolution=max(resolution, 2 * ps),
+                                      shell_weights=wiener_weight)
+        bfactor = max(0.0, bfactor)  # never blur a map while "sharpening" it
+    sharpened = rec.sharpen(volume, ps, bfactor, resolution)
+    return Reconstruction(
+        volume=volume, half1=half1, half2=half2, sharpened=sharpened, frequency=freq / ps, fsc=fsc_masked,
+        fsc_unmasked=fsc_unmasked, resolution=resolution, bfactor=float(bfactor), n_particles=len(plan["params"]),
+        extra={"fourier_fsc": fourier_fsc},
+    )
+
+
+# -------------------------------------------------------------- writing assets
+def write_volume_assets(ctx: JobContext, result: Reconstruction, file_name: str, display_name: str,
+                        pixel_size: float, **fields: Any) -> None:
+    """Write the maps, orth views and FSC picture; register the volume (rank 0)."""
+    from cistem_mpi.io.mrc import write_mrc
+    from cistem_mpi.io.plots import save_fsc_png, save_image_png
+    from cistem_mpi.kernels.orth_views import orth_views
+
+    assert ctx.project is not None
+    root = ctx.project.root
+    vol_dir = root / naming.ASSET_DIRS["volumes"]
+    orth_dir = root / naming.ASSET_DIRS["orth_views"]
+    stem = Path(file_name).stem
+    paths = {
+        "path": vol_dir / file_name,
+        "half_map_1": vol_dir / f"{stem}_half1.mrc",
+        "half_map_2": vol_dir / f"{stem}_half2.mrc",
+        "orth_view": orth_dir / file_name,
+    }
+    if (vol_dir / file_name).exists():
+        raise InputError(vol_dir / file_name, "a volume of this name already exists in the project")
+    write_mrc(paths["path"], result.volume, pixel_size)
+    write_mrc(paths["half_map_1"], result.half1, pixel_size)
+    write_mrc(paths["half_map_2"], result.half2, pixel_size)
+    write_mrc(vol_dir / f"{stem}_sharpened.mrc", result.sharpened, pixel_size)
+    ov = orth_views(result.volume)
+    write_mrc(paths["orth_view"], ov, pixel_size)
+    save_image_png(orth_dir / f"{stem}.png", ov, f"{display_name}: sections (top), projections (bottom)")
+    curves = {"half maps" + (" (masked)" if result.fsc is not result.fsc_unmasked else ""): result.fsc}
+    if result.fsc is not result.fsc_unmasked:
+        curves["half maps (unmasked)"] = result.fsc_unmasked
+    save_fsc_png(orth_dir / f"{stem}_fsc.png", result.frequency, curves, pixel_size,
+                 title=f"{display_name}: {result.resolution:.2f} Å at FSC 0.143")
+    fsc_json = json.dumps({"frequency": [round(float(x), 6) for x in result.frequency],
+                           "fsc": [round(float(x), 5) for x in result.fsc],
+                           "fsc_unmasked": [round(float(x), 5) for x in result.fsc_unmasked]})
+    ctx.register("volumes", display_name=display_name, box=int(result.volume.shape[0]), pixel_size=pixel_size,
+                 resolution=float(result.resolution), fsc=fsc_json, **paths, **fields)
+    ctx.log.info("%s: %d particles, %.2f Å at FSC 0.143, B %.0f Å² -> %s", display_name, result.n_particles,
+                 result.resolution, result.bfactor, paths["path"])
+
+
+def settings_from_args(a: dict[str, Any], symmetry: str) -> ReconstructionSettings:
+    """Reconstruction settings from the command line."""
+    bf = a.get("bfactor", "auto")
+    try:
+        bfactor = None if bf in (None, "auto") else float(bf)
+    except ValueError as exc:
+        raise InputError("--bfactor", f"expected a number or 'auto', got {bf!r}") from exc
+    return ReconstructionSettings(
+        symmetry=symmetry, padding=a.get("padding", 2.0),
+        resolution_limit=a.get("resolution_limit", 0.0) or 0.0, mask_radius=a.get("mask_radius", 0.0) or 0.0,
+        score_weighting=a.get("score_weighting", 0.0) or 0.0, bfactor=bfactor,
+    )
+
+
+def load_refinement(ctx: JobContext, run: int | None) -> dict[str, Any]:
+    """A refinement's stack, classes and parameters from the project (rank 0)."""
+    from cistem_mpi.io.param_store import read_params_h5
+
+    assert ctx.project is not None
+    conn = ctx.project.conn
+    if run is None:
+        row = conn.execute("SELECT max(id) FROM refinements").fetchone()
+        if row[0] is None:
+            raise InputError(ctx.project.root, "no refinement in the project yet (import particles first)")
+        run = int(row[0])
+    ref = conn.execute("SELECT * FROM refinements WHERE id = ?", (run,)).fetchone()
+    if ref is None:
+        raise InputError("--refinement", f"no refinement #{run} in the project")
+    pkg = conn.execute("SELECT * FROM refinement_packages WHERE id = ?", (ref["package_id"],)).fetchone()
+    stack = conn.execute("SELECT * FROM particle_stacks WHERE id = ?", (pkg["stack_id"],)).fetchone()
+    classes = []
+    for c in conn.execute("SELECT * FROM refinement_classes WHERE refinement_id = ? ORDER BY class_number", (run,)):
+        params = read_params_h5(ctx.project.resolve(c["params_path"]))
+        classes.append((int(c["class_number"]), params))
+    optics = Optics(pixel_size=float(stack["pixel_size"]), voltage=float(stack["voltage"]), cs=float(stack["cs"]),
+                    amplitude_contrast=float(stack["amplitude_contrast"]))
+    return {"run": run, "refinement": ref, "package": pkg, "stack_path": str(ctx.project.resolve(stack["path"])),
+            "optics": optics, "classes": classes}
+
+
+def _job(ctx: JobContext) -> dict:
+    a = ctx.args
+    todo: list[tuple[str, ParticleSet | None, str, str, dict[str, Any]]] = []
+    stack_path = ""
+    symmetry = (a.get("symmetry") or "C1").upper()
+    if ctx.is_controller:
+        if a.get("stack"):
+            from cistem_mpi.drivers.import_assets import check_header_pixel_size, read_particle_params
+            from cistem_mpi.io.mrc import open_stack
+
+            if not a.get("params"):
+                raise InputError("--params", "a parameter file is needed with --stack")
+            stack_path = str(Path(a["stack"]).absolute())
+            with open_stack(stack_path, pixel_size=a.get("pixel_size")) as st:
+                n_stack, header_ps = len(st), st.header.pixel_size
+            ps = read_particle_params(Path(a["params"]).absolute(), a.get("pixel_size"), n_stack)
+            check_header_pixel_size(Path(stack_path), header_ps, float(ps.optics[0].pixel_size))
+            for o in ps.optics:
+                if a.get("pixel_size") is None:
+                    continue
+                o.voltage, o.cs, o.amplitude_contrast = a["voltage"], a["cs"], a["amplitude_contrast"]
+            name = f"reconstruction_{ctx.job_id}_1.mrc"
+            todo.append((stack_path, ps, name, f"Reconstruction #{ctx.job_id} - Class #1",
+                         {"kind": "reconstruction", "run_number": ctx.job_id, "class_number": 1}))
+        else:
+            ref = load_refinement(ctx, a.get("refinement"))
+            stack_path = ref["stack_path"]
+            symmetry = (a.get("symmetry") or ref["package"]["symmetry"] or "C1").upper()
+            r = ref["refinement"]
+            for c, params in ref["classes"]:
+                # several classes: a particle counts in each class by its occupancy (OCC weighting)
+                ps = ParticleSet(params=params.copy(), optics=[ref["optics"]])
+                name = naming.volume_file_name(r["kind"], ref["run"], c)
+                display = naming.volume_display_name(r["kind"], ref["run"], c, r["round"])
+                todo.append((stack_path, ps, name, display,
+                             {"kind": "refinement", "run_number": ref["run"], "class_number": c,
+                              "refinement_id": ref["run"]}))
+        for _, _, name, _, _ in todo:
+            target = ctx.project.root / naming.ASSET_DIRS["volumes"] / name  # type: ignore[union-attr]
+            if target.exists():
+                raise InputError(target, "a volume of this name already exists in the project")
+    todo_meta = ctx.world.bcast([(t[0], t[2], t[3], t[4]) for t in todo] if ctx.is_controller else None)
+    symmetry = ctx.world.bcast(symmetry)
+    settings = settings_from_args(a, symmetry)
+    results = {}
+    for i, (stack, name, display, fields) in enumerate(todo_meta):
+        particles = todo[i][1] if ctx.is_controller else None
+        result = reconstruct_particles(ctx.world, stack, particles, settings, progress=ctx.progress)
+        if ctx.is_controller:
+            assert result is not None and particles is not None
+            write_volume_assets(ctx, result, name, display, float(particles.optics[0].pixel_size), **fields)
+            results[display] = {"resolution": round(result.resolution, 3), "particles": result.n_particles,
+                                "bfactor": round(result.bfactor, 1)}
+    return {"volumes": results, "symmetry": symmetry}

@@ -1,0 +1,201 @@
+"""Finishing a Fourier reconstruction: half sets, per-shell Wiener normalisation, sharpening.
+
+The accumulators are those of :mod:`cistem_mpi.kernels.backprojection`:
+numerator ``D = sum g c F`` and weight ``W = sum g c^2`` on the padded
+half layout ``(P, P, P//2+1)``.  Everything here works on a z-slab (rows
+``z0:z1``) so each MPI rank can normalise only its own part:
+
+* :func:`slab_shell_sums` gives per-shell sums (FSC numerator, powers,
+  mean weight) that ranks add up (a small all-reduce);
+* :func:`normalise_slab` divides by ``W + r(s)`` with a per-shell
+  regulariser ``r(s)``.
+
+The regulariser is Frealign/cisTEM's: for a map whose spectral SNR in shell
+s is ``SSNR(s)``, the Wiener estimate is ``D / (W + <W>_s / SSNR(s))``,
+where ``<W>_s`` is the mean weight of the shell.  The SSNR comes from the
+FSC of the two half maps (``FSC/(1-FSC)`` for a half map,
+``2 FSC/(1-FSC)`` for the full map), estimated by iterating the
+normalisation a few times from a flat start (:func:`wiener_regularisers`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from cistem_mpi.kernels import fft as _fft
+from cistem_mpi.kernels.filters import apply_bfactor, lowpass
+from cistem_mpi.kernels.radial import shell_average
+
+__all__ = [
+    "half_sets", "slab_shell_sums", "fsc_from_sums", "wiener_regularisers", "normalise_slab",
+    "guinier_bfactor", "sharpen", "score_bfactors",
+]
+
+
+def half_sets(positions: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A fixed random split into half sets 1 and 2, a function of the stack position only.
+
+    The same particle lands in the same half in every job, on any number of
+    ranks and after any selection (splitmix64 hash of ``position`` and
+    ``seed``), so half maps of successive refinement rounds stay independent.
+    """
+    x = (np.asarray(positions, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (1 + (x & np.uint64(1))).astype(np.int8)
+
+
+@njit(cache=True)
+def _shell(iz, iy, ix, p, n):
+    kz = iz if iz < (p + 1) // 2 else iz - p
+    ky = iy if iy < (p + 1) // 2 else iy - p
+    r = np.sqrt(kz * kz + ky * ky + ix * ix) * n / p
+    s = int(np.floor(r + 0.5))
+    return s if s <= n // 2 else -1
+
+
+@njit(cache=True)
+def _sums(d1, w1, d2, w2, z0, p, n, r1, r2, out):
+    nz, ny, nx = d1.shape
+    for jz in range(nz):
+        for iy in range(ny):
+            for ix in range(nx):
+                s = _shell(z0 + jz, iy, ix, p, n)
+                if s < 0:
+                    continue
+                m = 1.0 if (ix == 0 or 2 * ix == p) else 2.0
+                a = d1[jz, iy, ix] / (w1[jz, iy, ix] + r1[s]) if w1[jz, iy, ix] + r1[s] > 0 else 0j
+                b = d2[jz, iy, ix] / (w2[jz, iy, ix] + r2[s]) if w2[jz, iy, ix] + r2[s] > 0 else 0j
+                out[0, s] += m * (a.real * b.real + a.imag * b.imag)
+                out[1, s] += m * (a.real * a.real + a.imag * a.imag)
+                out[2, s] += m * (b.real * b.real + b.imag * b.imag)
+                out[3, s] += m * w1[jz, iy, ix]
+                out[4, s] += m * w2[jz, iy, ix]
+                out[5, s] += m
+
+
+def slab_shell_sums(d1: np.ndarray, w1: np.ndarray, d2: np.ndarray, w2: np.ndarray, z0: int, padded: int,
+                    n: int, reg1: np.ndarray, reg2: np.ndarray) -> np.ndarray:
+    """Per-shell sums over a slab of the two half-set accumulators.
+
+    Parameters
+    ----------
+    d1, w1, d2, w2 : ndarray, shape (z1-z0, P, P//2+1)
+        Numerators and weights of half sets 1 and 2 (this rank's slab).
+    z0 : int
+        First row of the slab.
+    padded, n : int
+        Padded size P and box size N (shells are in Fourier pixels of N).
+    reg1, reg2 : ndarray, shape (N//2+1,)
+        Per-shell regularisers used to form the half-map estimates.
+
+    Returns
+    -------
+    ndarray, shape (6, N//2+1), float64
+        Rows: sum Re(V1 V2*), sum |V1|^2, sum |V2|^2, sum W1, sum W2, voxel
+        count — each with Friedel multiplicity, so they equal sums over the
+        full transform.  Sums from all slabs add up to the full-volume sums.
+    """
+    out = np.zeros((6, n // 2 + 1), dtype=np.float64)
+    _sums(d1, w1, d2, w2, int(z0), int(padded), int(n), np.asarray(reg1, np.float64),
+          np.asarray(reg2, np.float64), out)
+    return out
+
+
+def fsc_from_sums(sums: np.ndarray) -> np.ndarray:
+    """FSC per shell from (all-reduced) :func:`slab_shell_sums`."""
+    den = np.sqrt(sums[1] * sums[2])
+    return np.divide(sums[0], den, out=np.zeros(sums.shape[1]), where=den > 0)
+
+
+def wiener_regularisers(sums: np.ndarray, fsc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shell regularisers for a half map and for the full map.
+
+    ``r_half(s) = <W_half>_s / SSNR_half(s)`` with ``SSNR_half = FSC/(1-FSC)``
+    and ``r_full(s) = <W_full>_s / SSNR_full(s)`` with
+    ``SSNR_full = 2 FSC/(1-FSC)``.  The FSC is clipped to [1e-3, 0.999] so a
+    shell without signal is damped hard but finitely.
+    """
+    f = np.clip(np.asarray(fsc, dtype=np.float64), 1e-3, 0.999)
+    count = np.maximum(sums[5], 1.0)
+    mean_half = 0.5 * (sums[3] + sums[4]) / count
+    mean_full = (sums[3] + sums[4]) / count
+    r_half = mean_half * (1.0 - f) / f
+    r_full = mean_full * (1.0 - f) / (2.0 * f)
+    return r_half, r_full
+
+
+@njit(cache=True)
+def _normalise(d, w, z0, p, n, reg, out):
+    nz, ny, nx = d.shape
+    for jz in range(nz):
+        for iy in range(ny):
+            for ix in range(nx):
+                s = _shell(z0 + jz, iy, ix, p, n)
+                den = w[jz, iy, ix] + (reg[s] if s >= 0 else 0.0)
+                if s < 0 or den <= 0:
+                    out[jz, iy, ix] = 0j
+                else:
+                    out[jz, iy, ix] = d[jz, iy, ix] / den
+
+
+def normalise_slab(d: np.ndarray, w: np.ndarray, z0: int, padded: int, n: int, reg: np.ndarray) -> np.ndarray:
+    """``D / (W + reg[shell])`` on a slab; zero beyond the N//2 shell (complex64)."""
+    out = np.empty(d.shape, dtype=np.complex64)
+    _normalise(d, w, int(z0), int(padded), int(n), np.asarray(reg, np.float64), out)
+    return out
+
+
+def guinier_bfactor(volume: np.ndarray, pixel_size: float, low_resolution: float = 10.0,
+                    high_resolution: float | None = None, shell_weights: np.ndarray | None = None) -> float:
+    """B-factor (Å^2) from the slope of ln(amplitude) against s^2 (Guinier plot).
+
+    The rotationally averaged amplitude falls as ``exp(-B s^2 / 4)``; a
+    straight-line fit of ``ln A`` against ``s^2`` between ``low_resolution``
+    and ``high_resolution`` (Å; default Nyquist) gives ``B = -4 * slope``.
+    ``shell_weights`` (per shell, e.g. the Wiener filter's SNR weighting
+    ``2 FSC / (1 + FSC)``) are divided out first, so the fit measures the
+    signal's fall-off rather than the filter's.
+    """
+    n = volume.shape[0]
+    amp = np.abs(_fft.ftn(volume.astype(np.float32)))
+    prof = shell_average(amp)
+    if shell_weights is not None:
+        prof = prof / np.maximum(np.asarray(shell_weights, dtype=np.float64)[: len(prof)], 0.05)
+    s = np.arange(len(prof)) / (n * pixel_size)
+    hi = 1.0 / high_resolution if high_resolution else s[-1]
+    sel = (s >= 1.0 / low_resolution) & (s <= hi) & (prof > 0)
+    if sel.sum() < 3:
+        return 0.0
+    slope = np.polyfit(s[sel] ** 2, np.log(prof[sel]), 1)[0]
+    return float(-4.0 * slope)
+
+
+def sharpen(volume: np.ndarray, pixel_size: float, bfactor: float, resolution: float,
+            edge_width: float = 0.02) -> np.ndarray:
+    """Sharpen a (Wiener-filtered) map by ``exp(+B s^2/4)`` and low-pass it at ``resolution`` Å.
+
+    The Wiener map is already weighted by the per-shell SNR (FSC weighting),
+    so sharpening boosts only shells that carry signal; the low-pass removes
+    what lies beyond the FSC resolution.
+    """
+    out = apply_bfactor(volume, -float(bfactor), pixel_size) if bfactor else volume.astype(np.float32)
+    cutoff = min(0.5, pixel_size / resolution)
+    return lowpass(out, cutoff, edge_width).astype(np.float32)
+
+
+def score_bfactors(scores: np.ndarray, conversion: float) -> np.ndarray:
+    """Per-particle B-factors (Å^2) from scores, as Frealign's score weighting.
+
+    ``B_i = -conversion * (score_i - mean score)``: a particle that scores
+    above average gets a negative B (its high frequencies count more).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if conversion == 0 or scores.size == 0:
+        return np.zeros(scores.shape, dtype=np.float32)
+    return (-conversion * (scores - scores.mean())).astype(np.float32)
+
