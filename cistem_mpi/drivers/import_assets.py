@@ -89,7 +89,7 @@ def _import_movies(ctx: JobContext) -> dict:
     gain = None
     if a["gain"]:
         gain_path = _existing(a["gain"])
-        gain = read_gain(gain_path, rotate=a["gain_rotate"], flip_x=a["gain_flip_x"], flip_y=a["gain_flip_y"])
+        gain = read_gain(gain_path, rotate=a["gain_rotate"] // 90, flip_x=a["gain_flip_x"], flip_y=a["gain_flip_y"])
     files = [_existing(f) for f in a["files"]]
     for n, path in enumerate(files, 1):
         movie = open_movie(path, eer_fractions=a["eer_fractions"], eer_upsampling=a["eer_upsampling"])
@@ -167,9 +167,9 @@ def read_particle_params(path: Path, pixel_size: float | None, n_in_stack: int) 
 
         ps = read_star(path, pixel_size=pixel_size)
     elif suffix == ".cs":
-        from cistem_mpi.io.cryosparc import read_cs
+        from cistem_mpi.io.cryosparc import read_cryosparc
 
-        ps = read_cs(path)
+        ps = read_cryosparc(path, pixel_size=pixel_size)
     else:
         raise InputError(path, "unknown parameter file type (expected .par, .star or .cs)")
     if len(ps) == 0:
@@ -198,13 +198,16 @@ def _import_particles(ctx: JobContext) -> dict:
     if nx != ny:
         raise InputError(stack_path, f"particle images must be square, got {nx}x{ny}")
     sets = [read_particle_params(_existing(p), a["pixel_size"], n) for p in a["params"]]
+    # classes are matched by stack position, whatever the row order of each file
+    sets = [s.take(np.argsort(s.params["position"], kind="stable")) for s in sets]
+    for p, s in zip(a["params"], sets):
+        if len(s) != len(sets[0]) or not np.array_equal(s.params["position"], sets[0].params["position"]):
+            raise InputError(p, f"lists other particles than {a['params'][0]} (classes must cover the same particles)")
     pixel_size = a["pixel_size"] or float(sets[0].optics[0].pixel_size)
     for p, s in zip(a["params"], sets):
         for o in s.optics:
             if abs(o.pixel_size - pixel_size) > PIXEL_SIZE_TOLERANCE:
                 raise InputError(p, f"pixel size {o.pixel_size} Å does not match {pixel_size} Å")
-        if len(s) != len(sets[0]):
-            raise InputError(p, f"has {len(s)} particles but {a['params'][0]} has {len(sets[0])}")
     check_header_pixel_size(stack_path, header_ps, pixel_size)
     optics = sets[0].optics[0]
     conn = ctx.project.conn
@@ -237,7 +240,8 @@ def _import_particles(ctx: JobContext) -> dict:
 
 
 def _register_members(ctx: JobContext, package, positions: np.ndarray, classes: np.ndarray) -> None:
-    rows = zip(range(1, len(positions) + 1), positions.tolist(), classes.tolist())
+    # the package uses the imported stack itself: position and parent position are both the stack position
+    rows = zip(positions.tolist(), positions.tolist(), classes.tolist())
     ctx.register_many("refinement_package_members", ("position", "parent_position", "class_number"), rows,
                       package_id=package)
 

@@ -20,7 +20,8 @@ from cistem_mpi.io.params import PARAM_DTYPE
 _CHUNK = 65536
 
 
-def write_params_h5(path: str | Path, params: np.ndarray, attrs: dict | None = None) -> None:
+def write_params_h5(path: str | Path, params: np.ndarray, attrs: dict | None = None,
+                    columns: dict[str, np.ndarray] | None = None) -> None:
     """Write a parameter table atomically (temporary file, then rename).
 
     Parameters
@@ -31,6 +32,8 @@ def write_params_h5(path: str | Path, params: np.ndarray, attrs: dict | None = N
         Array of :data:`PARAM_DTYPE`.
     attrs : dict, optional
         Scalars stored as attributes (pixel size, symmetry, ...).
+    columns : dict, optional
+        Other per-particle arrays stored beside ``params`` (e.g. ``half_set``).
     """
     path = Path(path)
     if params.dtype != PARAM_DTYPE:
@@ -43,6 +46,10 @@ def write_params_h5(path: str | Path, params: np.ndarray, attrs: dict | None = N
         )
         for k, v in (attrs or {}).items():
             f.attrs[k] = v
+        for k, v in (columns or {}).items():
+            if len(v) != len(params):
+                raise ValueError(f"column {k} has {len(v)} rows, parameters have {len(params)}")
+            f.create_dataset(k, data=np.asarray(v))
     os.replace(tmp, path)
 
 
@@ -57,6 +64,12 @@ def read_params_h5(path: str | Path, start: int = 0, stop: int | None = None) ->
             return ds[start:stop]
     except (OSError, KeyError) as exc:
         raise InputError(path, f"cannot read parameter file ({exc})") from exc
+
+
+def read_params_column(path: str | Path, name: str) -> np.ndarray | None:
+    """A per-particle array stored beside the parameters (None if absent)."""
+    with h5py.File(path, "r") as f:
+        return f[name][()] if name in f else None
 
 
 def read_params_attrs(path: str | Path) -> dict:

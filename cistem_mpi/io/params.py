@@ -90,6 +90,11 @@ class Optics:
         Fraction of amplitude contrast (0..1).
     name : str
         Optics group name (RELION ``rlnOpticsGroupName``).
+    extra : dict
+        Other per-group values read from a file, keyed by label without the
+        leading underscore (``rlnOpticsGroup`` number, ``rlnImageSize``,
+        beam tilt, RELION 5 Zernike arrays ...), kept so an export can write
+        them back.
     """
 
     pixel_size: float
@@ -97,6 +102,7 @@ class Optics:
     cs: float = 2.7
     amplitude_contrast: float = 0.07
     name: str = "opticsGroup1"
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +137,17 @@ class ParticleSet:
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def take(self, index: np.ndarray) -> "ParticleSet":
+        """A new set with the rows ``index`` (reordered or selected) of every per-particle field."""
+        index = np.asarray(index)
+        return ParticleSet(
+            params=self.params[index],
+            optics=self.optics,
+            optics_group=None if self.optics_group is None else self.optics_group[index],
+            image_names=None if self.image_names is None else [self.image_names[i] for i in index],
+            extra={k: np.asarray(v)[index] for k, v in self.extra.items()},
+        )
 
     def pixel_sizes(self) -> np.ndarray:
         """Per-particle pixel size in Å (float32)."""

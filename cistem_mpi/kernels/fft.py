@@ -120,13 +120,24 @@ def _make_plan(kind: str, shape: tuple[int, ...], dtype: np.dtype, axes: tuple[i
             obj = _builders.ifftn(template, **kw)
         else:  # pragma: no cover
             raise ValueError(kind)
-        # The plan object owns its output buffer and reuses it on the next
-        # call, so hand out a copy.  Calls on one plan are serialised.
+        # Always copy the caller's data into the plan's own input buffer
+        # (passing a suitably aligned array to the plan would make FFTW use it
+        # directly, and a c2r transform destroys its input), and hand out a
+        # copy of the output buffer, which the next call reuses.  Calls on one
+        # plan are serialised.
         plan_lock = threading.Lock()
+        inverse = kind in ("irfftn", "ifftn")
+        scale = np.float32(1.0 / obj.N) if dtype in (np.complex64, np.float32) else 1.0 / obj.N
 
         def run(a: np.ndarray, _obj=obj, _l=plan_lock) -> np.ndarray:
             with _l:
-                return _obj(a).copy()
+                _obj.input_array[...] = a
+                _obj.execute()
+                out = _obj.output_array.copy()
+            if inverse:
+                # execute() does not normalise; numpy's convention divides by N
+                out *= scale
+            return out
 
         return run
 
@@ -212,10 +223,13 @@ def ift2(f: np.ndarray, nx: int | None = None) -> np.ndarray:
     ----------
     f : ndarray, shape (..., ny, nx // 2 + 1), complex
     nx : int, optional
-        Real x size (default: ``ny``, i.e. square images).
+        Real x size (default: ``ny`` if that fits the width, i.e. square
+        images, else ``2 * (width - 1)``).
     """
     f = np.asarray(f)
-    n = f.shape[-2] if nx is None else nx
+    if nx is None:
+        nx = f.shape[-2] if f.shape[-2] // 2 + 1 == f.shape[-1] else 2 * (f.shape[-1] - 1)
+    n = nx
     return np.fft.fftshift(irfftn(f, n, axes=(-2, -1)), axes=(-2, -1))
 
 

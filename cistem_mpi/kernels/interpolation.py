@@ -133,13 +133,25 @@ def _locate(x: int, y: int, z: int, p: int, half: int):
     ``half`` is ``p // 2``.  x is reduced periodically into [-half, p-half);
     negative x is mapped through Friedel symmetry.
     """
-    xr = (x + half) % p - half
+    # conditional wrapping instead of %: coordinates are within a period or
+    # two of the origin, and this is the innermost loop of every projector
+    xr = x
+    while xr >= p - half:
+        xr -= p
+    while xr < -half:
+        xr += p
     conj = False
     if xr < 0:
         xr = -xr
         y = -y
         z = -z
         conj = True
-    yr = y % p
-    zr = z % p
-    return zr, yr, xr, conj
+    while y < 0:
+        y += p
+    while y >= p:
+        y -= p
+    while z < 0:
+        z += p
+    while z >= p:
+        z -= p
+    return z, y, xr, conj

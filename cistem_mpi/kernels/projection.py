@@ -183,7 +183,9 @@ def extract_slices(vft: VolumeFT, rotmats: np.ndarray, image_size: int | None = 
     rotmats : ndarray, shape (n, 3, 3) or (3, 3)
         cisTEM rotation matrices (:func:`cistem_mpi.kernels.euler.rotation_matrix`).
     image_size : int, optional
-        N of the output images (default: the map's box size).
+        N of the output images (default: the map's box size), at the map's
+        pixel size: a smaller N gives the centre of the projection (content
+        outside wraps around), a larger N pads it.
     max_radius : float, optional
         Keep frequencies with ``kx^2 + ky^2 <= max_radius^2`` (Fourier pixels of
         the N-image); default ``N//2``.

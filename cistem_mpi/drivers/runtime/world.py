@@ -71,7 +71,7 @@ STOP_GRACE = _env_float("CISTEM_MPI_STOP_GRACE", 10.0)
 WORKER_WAIT = _env_float("CISTEM_MPI_WORKER_WAIT", 60.0)
 
 
-class Stopped(CistemError):
+class Stopped(JobFailed):
     """Raised on a worker told by rank 0 to stop (a failure happened elsewhere)."""
 
     exit_code = 3
@@ -416,7 +416,9 @@ class World:
         if not isinstance(exc, Stopped):
             report = (self.rank, self.host, _one_line(exc), type(exc).__name__, _format_tb(exc))
             req = comm.isend(report, dest=0, tag=TAG_ERROR)
-            deadline = time.monotonic() + WORKER_WAIT
+            # SIGTERM means the launcher is ending the whole job anyway: do not linger.
+            terminated = isinstance(exc, Terminated)
+            deadline = time.monotonic() + (min(WORKER_WAIT, 3.0) if terminated else WORKER_WAIT)
             backoff = _Backoff()
             while True:
                 msg = comm.improbe(0, TAG_STOP)
@@ -424,6 +426,8 @@ class World:
                     msg.recv()
                     break
                 if time.monotonic() > deadline:
+                    if terminated:
+                        return
                     sys.stderr.write(
                         f"error: rank {self.rank} on {self.host}: rank 0 did not answer within "
                         f"{WORKER_WAIT:.0f} s after this rank failed; aborting the MPI job\n"
@@ -452,7 +456,9 @@ class World:
             sends = [comm.isend(None, dest=r, tag=TAG_STOP) for r in sorted(pending)]
             self._stop_sent = True
         st = MPI.Status()
-        deadline = time.monotonic() + STOP_GRACE
+        # After SIGTERM (scancel, time limit) the launcher kills every rank soon: record quickly.
+        grace = min(STOP_GRACE, 2.0) if isinstance(exc, Terminated) else STOP_GRACE
+        deadline = time.monotonic() + grace
         backoff = _Backoff()
         # A worker is accounted for once it acknowledged the stop or said BYE
         # (it finished before the stop reached it).  Error reports of other
@@ -496,6 +502,18 @@ class World:
             )
             sys.stderr.flush()
             self.comm.Abort(exit_code or 3)
+
+
+    def abort_at_exit_if_unresponsive(self, exit_code: int = 3) -> None:
+        """Like :meth:`abort_if_unresponsive`, but when the process exits.
+
+        For callers that record the failure after the exception propagated
+        (the abort must come after that database write).
+        """
+        if self.size > 1 and self.rank == 0 and self.unresponsive:
+            import atexit
+
+            atexit.register(self.abort_if_unresponsive, exit_code)
 
 
 def _format_tb(exc: BaseException) -> str:

@@ -1,0 +1,717 @@
+"""``cistem-mpi package create``: refinement packages (cisTEM's "New Refinement Package" wizard).
+
+A refinement package is a particle stack, a number of classes, a symmetry
+and a set of starting parameters (a ``'start'`` refinement, "Start Params
+#<run>", with one parameter file per class).  Sources:
+
+``--from-refinement RUN``
+    A refinement of an existing package is the template (cisTEM: "use another
+    refinement package as a template").  Each particle belongs to the old class
+    where its occupancy is highest (ties: the lowest class number).
+    ``--keep`` chooses the old classes whose particles are carried over
+    (default all: "Carry over all particles? Yes"); the particles of the other
+    classes leave the package *and its stack*: a new stack
+    ``Assets/ParticleStacks/particle_stack_<package>.mrcs`` is written with only
+    the kept particles, renumbered 1..n.  When every particle is kept the
+    template's stack is used as it is (cisTEM does the same: no copy).
+    ``--map OLD:NEW`` assigns old classes to new ones; several old classes may
+    go into one new class, and one old class may be split over several new
+    ones (its particles then share their occupancy equally between them).
+    Without ``--map``: the i-th kept class becomes new class i when the
+    numbers agree, everything goes into class 1 when ``--classes 1``, and one
+    kept class (e.g. a 1-class template) is split over all new classes.
+
+    Parameters of new class c for a particle: its row in the old class it came
+    from when that class maps to c; otherwise (occupancy 0 in c) its row in the
+    old class mapped to c where it has the highest occupancy -- cisTEM's
+    wizard does this, so each new class starts from the alignment that fits
+    the map it descends from.  Occupancy: 100 in the particle's new class and 0
+    in the others; 100/m in each of m classes for a split class.
+
+``--from-stack ID``
+    An imported or extracted particle stack (``particle_stacks`` row).  All
+    particles are kept, the stack is used as it is.  Its parameters are the
+    stack's ``params_path`` file (.h5/.par/.star) when it has one; otherwise
+    neutral ones with orientations uniform on SO(3) (as cisTEM's wizard for a
+    new package) -- refine them with ab initio or a global search.
+
+``--from-classification N --select C[,C...]``
+    Particles of the selected classes of 2D classification #N (cisTEM: "create
+    from 2D class average selection").  The classification's ``params_path``
+    is an HDF5 parameter file (:mod:`cistem_mpi.io.param_store`) whose
+    per-particle 2D class (1-based, one per ``params`` row) is the column
+    ``class_2d``, read with ``read_params_column(path, "class_2d")``; the rows'
+    ``position`` is the position in the classified package's stack.  The
+    selected particles are copied into a new stack; each keeps its CTF
+    (defocus, astigmatism, phase shift) and FILM, and gets a random 3D
+    orientation and zero shifts (2D in-plane alignments say nothing about the
+    3D orientation).
+
+Occupancy with several classes
+------------------------------
+A particle without a class of its own (``--from-stack`` or
+``--from-classification`` with ``--classes K > 1``, a split template class)
+gets 100/K (100/m) in each class; ``--randomise-occupancies`` instead draws
+every particle's occupancy in every class uniformly from [0, 200/K) as
+cisTEM's wizard does.  Auto refine always starts its references from
+randomised occupancies (seed FAQ); for manual refine of an equal-share
+package use its ``--randomise-occupancies``.
+
+Every check is done before anything is written; a bad option or file gives
+one ``InputError`` (exit 2) and the project is exactly as before.  The stack
+is streamed image by image through :class:`~cistem_mpi.io.mrc.MrcStackWriter`
+(never held in memory) to a ``.part`` file renamed when complete.
+
+``refinement_package_members`` rows: ``position`` = position in the new
+package's stack (the parameter files' ``position``), ``parent_position`` =
+position in the source stack, ``class_number`` = the class where the particle's
+starting occupancy is highest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cistem_mpi.db import naming
+from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
+from cistem_mpi.errors import InputError
+from cistem_mpi.io.params import Optics, ParticleSet, empty_params
+
+#: Bytes of images read from the source stack at a time while copying.
+COPY_BATCH_BYTES = 32 * 1024 * 1024
+#: Stored types a copied stack keeps (what MrcStackWriter writes); others become float32.
+_COPY_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float16, np.int16, np.uint16, np.int8))
+
+__all__ = [
+    "register", "best_class", "parse_class_list", "parse_mapping", "default_mapping", "TemplatePlan",
+    "plan_from_template", "share_occupancies", "copy_particles",
+]
+
+
+# --------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``package create``."""
+    p = sub.add_parser("package", help="refinement packages (create from a stack, a refinement or 2D classes)")
+    psub = p.add_subparsers(dest="package_command", metavar="<action>", required=True)
+    c = psub.add_parser(
+        "create", help="create a refinement package",
+        description="Create a refinement package from a particle stack, from a refinement of another package "
+                    "(template: keep, drop and merge its classes) or from selected 2D classes.")
+    add_job_arguments(c)
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-refinement", type=int, metavar="RUN",
+                     help="template: refinement run RUN of an existing package (its per-class parameters)")
+    src.add_argument("--from-stack", type=int, metavar="ID", help="particle stack ID (all particles)")
+    src.add_argument("--from-classification", type=int, metavar="N", help="2D classification #N (with --select)")
+    c.add_argument("--classes", type=int, metavar="K",
+                   help="number of classes for 3D refinement (default: 1; with a template: the number of kept "
+                        "classes, or the highest NEW in --map)")
+    c.add_argument("--keep", metavar="OLD[,OLD...]",
+                   help="template classes whose particles are carried over (default: all); "
+                        "the particles of the others are left out of the new stack")
+    c.add_argument("--map", action="append", metavar="OLD:NEW",
+                   help="assign template class OLD to new class NEW (repeat, or comma-separate; several OLD may "
+                        "share one NEW)")
+    c.add_argument("--select", metavar="C[,C...]", help="2D classes whose particles to take (--from-classification)")
+    c.add_argument("--randomise-occupancies", action="store_true",
+                   help="start occupancies uniform random in [0, 200/K) (cisTEM's wizard option)")
+    c.add_argument("--seed", type=int, default=1, help="random seed (orientations, occupancies)")
+    c.add_argument("--symmetry", help="point group, e.g. C1, D7, O (default: the template's, else C1)")
+    c.add_argument("--name", help="package name (default: 'Refinement Package #<id>')")
+    c.add_argument("--molecular-weight", type=float, help="kDa (default: the template's)")
+    c.add_argument("--largest-dimension", type=float, help="Å (default: the template's)")
+    c.set_defaults(func=lambda a: run_job(a, "create_package", _create))
+
+
+# --------------------------------------------------------------------------
+# class bookkeeping (pure functions)
+# --------------------------------------------------------------------------
+
+def best_class(occupancies: np.ndarray) -> np.ndarray:
+    """Index of the class where each particle's occupancy is highest.
+
+    Parameters
+    ----------
+    occupancies : ndarray (n_classes, n_particles)
+
+    Returns
+    -------
+    ndarray (n_particles,) int
+        0-based class index; ties go to the lowest index (cisTEM keeps the
+        first class with a strictly higher occupancy).
+    """
+    return np.argmax(np.asarray(occupancies), axis=0)
+
+
+def parse_class_list(text: str, option: str) -> list[int]:
+    """``"1,3, 4"`` -> ``[1, 3, 4]`` (sorted, unique); InputError naming ``option`` if malformed."""
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.add(int(part))
+        except ValueError:
+            raise InputError(option, f"expected class numbers like 1,3 but got {text!r}") from None
+    if not out:
+        raise InputError(option, "no class given")
+    return sorted(out)
+
+
+def parse_mapping(items: list[str]) -> dict[int, list[int]]:
+    """``["1:1", "2:1,3:2"]`` -> ``{1: [1], 2: [1], 3: [2]}`` (old class -> sorted new classes)."""
+    out: dict[int, set[int]] = {}
+    for item in items:
+        for pair in item.split(","):
+            pair = pair.strip()
+            if not pair:
+                continue
+            try:
+                old, new = (int(v) for v in pair.split(":"))
+            except ValueError:
+                raise InputError("--map", f"expected OLD:NEW (e.g. 2:1) but got {pair!r}") from None
+            out.setdefault(old, set()).add(new)
+    if not out:
+        raise InputError("--map", "no OLD:NEW pair given")
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def default_mapping(kept: list[int], n_new: int) -> dict[int, list[int]] | None:
+    """The mapping a user means when giving none (None: ambiguous).
+
+    The i-th kept class becomes new class i when there are as many new as
+    kept classes; everything goes into class 1 when there is one new class;
+    a single kept class (e.g. a 1-class template) is split over all new
+    classes.
+    """
+    if n_new == len(kept):
+        return {old: [i] for i, old in enumerate(kept, 1)}
+    if n_new == 1:
+        return {old: [1] for old in kept}
+    if len(kept) == 1:
+        return {kept[0]: list(range(1, n_new + 1))}
+    return None
+
+
+def share_occupancies(targets: list[np.ndarray], n_new: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Starting occupancies (n_new, n) in percent.
+
+    Parameters
+    ----------
+    targets : list of ndarray
+        ``targets[k]`` is the boolean mask (n,) of particles assigned to new
+        class k + 1; a particle assigned to m classes gets 100/m in each.
+    n_new : int
+        Number of new classes.
+    rng : numpy Generator, optional
+        When given (``--randomise-occupancies``, K > 1), occupancies are drawn
+        uniformly from [0, 200/K) instead, as cisTEM's wizard does.
+    """
+    member = np.stack(targets).astype(np.float64)  # (K, n)
+    if rng is not None and n_new > 1:
+        return rng.uniform(0.0, 200.0 / n_new, member.shape).astype(np.float32)
+    m = member.sum(axis=0)
+    if np.any(m == 0):
+        raise ValueError("every particle needs at least one new class")
+    return (100.0 * member / m).astype(np.float32)
+
+
+@dataclass
+class TemplatePlan:
+    """What a template refinement becomes (rows refer to the template's parameter rows).
+
+    Attributes
+    ----------
+    take : ndarray (n,) int
+        Template rows carried over, in template order.
+    old_class : ndarray (n,) int
+        Old class number of each carried particle (its highest occupancy).
+    params : list of ndarray
+        One parameter table per new class (positions still the template's).
+    new_class : ndarray (n,) int
+        New class number of each particle (its highest starting occupancy).
+    mapping : dict
+        Old class -> new classes actually used.
+    dropped : dict
+        Old class -> number of particles left out.
+    """
+
+    take: np.ndarray
+    old_class: np.ndarray
+    params: list[np.ndarray]
+    new_class: np.ndarray
+    mapping: dict[int, list[int]]
+    dropped: dict[int, int] = field(default_factory=dict)
+
+
+def plan_from_template(old_classes: list[int], old_params: list[np.ndarray], n_new: int | None,
+                       keep: list[int] | None, mapping: dict[int, list[int]] | None,
+                       rng: np.random.Generator | None = None, run: int | None = None) -> TemplatePlan:
+    """Decide which particles go where (see the module docstring); all checks raise InputError.
+
+    Parameters
+    ----------
+    old_classes : list of int
+        Class numbers of the template refinement.
+    old_params : list of ndarray
+        Their parameter tables, rows in the same particle order.
+    n_new : int or None
+        Number of new classes (None: the number of kept classes, or the
+        highest new class in ``mapping``).
+    keep : list of int or None
+        Old classes whose particles are carried over (None: all).
+    mapping : dict or None
+        Old class -> new classes (None: :func:`default_mapping`).
+    rng : numpy Generator, optional
+        Randomise occupancies (see :func:`share_occupancies`).
+    run : int, optional
+        Template run number, for messages.
+    """
+    what = f"refinement #{run}" if run is not None else "the template"
+    names = ", ".join(map(str, old_classes))
+    kept = list(old_classes) if keep is None else keep
+    for c in kept:
+        if c not in old_classes:
+            raise InputError("--keep", f"class {c} is not a class of {what} (classes {names})")
+    if n_new is None:
+        n_new = max(max(v) for v in mapping.values()) if mapping else len(kept)
+    if n_new < 1:
+        raise InputError("--classes", f"the number of classes must be at least 1, got {n_new}")
+    if mapping is None:
+        mapping = default_mapping(kept, n_new)
+        if mapping is None:
+            raise InputError("--map", f"cannot guess how the {len(kept)} kept classes ({', '.join(map(str, kept))}) "
+                                      f"go into {n_new} new classes; give --map OLD:NEW for each kept class")
+    for old, news in mapping.items():
+        if old not in old_classes:
+            raise InputError("--map", f"class {old} is not a class of {what} (classes {names})")
+        if old not in kept:
+            raise InputError("--map", f"class {old} is mapped but not carried over (--keep {','.join(map(str, kept))})")
+        bad = [n for n in news if not 1 <= n <= n_new]
+        if bad:
+            raise InputError("--map", f"new class {bad[0]} (from old class {old}) is outside 1..{n_new} "
+                                      f"(the package has {n_new} classes)")
+    unmapped = [c for c in kept if c not in mapping]
+    if unmapped:
+        raise InputError("--map", f"class {unmapped[0]} is carried over but not mapped to a new class; "
+                                  f"add --map {unmapped[0]}:NEW or leave it out of --keep")
+    sources = {k: [old for old in kept if k in mapping[old]] for k in range(1, n_new + 1)}
+    empty = [k for k, v in sources.items() if not v]
+    if empty:
+        raise InputError("--map", f"new class {empty[0]} gets no old class; map at least one kept class to it")
+
+    occ = np.stack([p["occ"].astype(np.float64) for p in old_params])  # (n_old, N)
+    best = np.asarray(old_classes)[best_class(occ)]
+    take = np.nonzero(np.isin(best, kept))[0]
+    dropped = {c: int(np.count_nonzero(best == c)) for c in old_classes if c not in kept}
+    if take.size == 0:
+        raise InputError("--keep", f"no particle has its highest occupancy in class(es) {', '.join(map(str, kept))} "
+                                   f"of {what}; nothing to put in the package")
+    old_of = best[take]
+    index_of = {c: i for i, c in enumerate(old_classes)}
+    targets = [np.isin(old_of, [old for old in sources[k]]) for k in range(1, n_new + 1)]
+    occ_new = share_occupancies(targets, n_new, rng)
+    params: list[np.ndarray] = []
+    for k in range(1, n_new + 1):
+        # rows from the class the particle came from when it maps here, else from
+        # the mapped old class where the particle's occupancy is highest (cisTEM)
+        src_list = sources[k]
+        src_occ = occ[[index_of[o] for o in src_list]][:, take]  # (len(src), n)
+        fallback = np.asarray(src_list)[best_class(src_occ)]
+        src_class = np.where(targets[k - 1], old_of, fallback)
+        rows = np.empty(take.size, dtype=old_params[0].dtype)
+        for o in np.unique(src_class):
+            sel = src_class == o
+            rows[sel] = old_params[index_of[int(o)]][take[sel]]
+        rows["occ"] = occ_new[k - 1]
+        params.append(rows)
+    new_class = best_class(occ_new) + 1
+    return TemplatePlan(take=take, old_class=old_of, params=params, new_class=new_class.astype(np.int64),
+                        mapping={o: mapping[o] for o in kept}, dropped=dropped)
+
+
+# --------------------------------------------------------------------------
+# stack copy
+# --------------------------------------------------------------------------
+
+def copy_particles(src: Path, positions: np.ndarray, dst: Path, pixel_size: float, progress=None) -> None:
+    """Copy images ``positions`` (1-based, in this order) of ``src`` into a new stack ``dst``.
+
+    Images are read in batches of about :data:`COPY_BATCH_BYTES` and written
+    one by one with :class:`MrcStackWriter`, so the stack is never held in
+    memory.  The stored data type of ``src`` is kept when the writer supports
+    it (float32, float16, int16, uint16, int8), so copied images are
+    bit-identical.
+    """
+    from cistem_mpi.io.mrc import MrcStackWriter, open_stack
+
+    n = len(positions)
+    with open_stack(src, pixel_size=pixel_size) as stack:
+        dtype = np.dtype(stack.dtype) if np.dtype(stack.dtype) in _COPY_DTYPES else np.dtype(np.float32)
+        ny, nx = stack.shape[-2:]
+        batch = max(1, COPY_BATCH_BYTES // max(1, ny * nx * 4))
+        with MrcStackWriter(dst, (ny, nx), n, pixel_size, dtype=dtype) as out:
+            for s0 in range(0, n, batch):
+                idx = np.asarray(positions[s0:s0 + batch], dtype=np.int64) - 1
+                for img in stack[idx]:
+                    out.append(img)
+                if progress is not None:
+                    progress(min(s0 + batch, n), n)
+            if not out.complete:  # pragma: no cover - guarded by the loop above
+                raise RuntimeError(f"{dst}: only part of the stack was written")
+
+
+# --------------------------------------------------------------------------
+# the job
+# --------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    """A resolved source: particle rows, their classes' parameters, the stack they live in."""
+
+    stack_row: Any  # sqlite3.Row of particle_stacks
+    stack_path: Path
+    optics: Optics
+    params: list[np.ndarray]  # per new class, positions = positions in the source stack
+    new_class: np.ndarray
+    subset: bool  # True: write a new stack with only these particles
+    parent_package: int | None = None
+    parent_refinement: int | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)  # symmetry, weight, dimension of a template
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _reject_options(a: dict[str, Any], source: str, *names: str) -> None:
+    for name in names:
+        if a.get(name.strip("-").replace("-", "_")) not in (None, False):
+            raise InputError(name, f"cannot be used with {source}")
+
+
+def _stack_row(conn, stack_id: int, option: str):
+    row = conn.execute("SELECT * FROM particle_stacks WHERE id = ?", (stack_id,)).fetchone()
+    if row is None:
+        raise InputError(option, f"no particle stack #{stack_id} in this project")
+    return row
+
+
+def _optics_of(stack_row) -> Optics:
+    return Optics(pixel_size=float(stack_row["pixel_size"]), voltage=float(stack_row["voltage"]),
+                  cs=float(stack_row["cs"]), amplitude_contrast=float(stack_row["amplitude_contrast"]))
+
+
+def _check_positions(positions: np.ndarray, n_stack: int, what: str | Path, stack: Path) -> None:
+    if positions.size and (positions.min() < 1 or positions.max() > n_stack):
+        bad = int(positions[(positions < 1) | (positions > n_stack)][0])
+        raise InputError(what, f"refers to particle {bad}, but the stack {stack} has {n_stack} particles")
+    if np.unique(positions).size != positions.size:
+        raise InputError(what, "lists the same stack position more than once")
+
+
+def _stack_length(path: Path, pixel_size: float) -> int:
+    from cistem_mpi.io.mrc import open_stack
+
+    with open_stack(path, pixel_size=pixel_size) as st:
+        return len(st)
+
+
+def _from_refinement(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator | None) -> _Source:
+    from cistem_mpi.io.param_store import read_params_h5
+
+    _reject_options(a, "--from-refinement", "--select")
+    assert ctx.project is not None
+    conn = ctx.project.conn
+    run = int(a["from_refinement"])
+    ref = conn.execute("SELECT * FROM refinements WHERE id = ?", (run,)).fetchone()
+    if ref is None:
+        raise InputError("--from-refinement", f"no refinement #{run} in this project")
+    pkg = conn.execute("SELECT * FROM refinement_packages WHERE id = ?", (ref["package_id"],)).fetchone()
+    stack_row = _stack_row(conn, int(pkg["stack_id"]), "--from-refinement")
+    rows = list(conn.execute("SELECT * FROM refinement_classes WHERE refinement_id = ? ORDER BY class_number", (run,)))
+    if not rows:
+        raise InputError("--from-refinement", f"refinement #{run} has no class parameter files")
+    old_classes = [int(r["class_number"]) for r in rows]
+    old_params = []
+    first_path = None
+    for r in rows:
+        path = ctx.project.resolve(r["params_path"])
+        p = read_params_h5(path)
+        order = np.argsort(p["position"], kind="stable")
+        p = p[order]
+        if first_path is None:
+            first_path, first = path, p
+        elif len(p) != len(first) or not np.array_equal(p["position"], first["position"]):
+            raise InputError(path, f"lists other particles than {first_path} (class {old_classes[0]})")
+        old_params.append(p)
+    optics = _optics_of(stack_row)
+    stack_path = ctx.project.resolve(stack_row["path"])
+    _check_positions(old_params[0]["position"], _stack_length(stack_path, optics.pixel_size),
+                     first_path or "--from-refinement", stack_path)
+    keep = parse_class_list(a["keep"], "--keep") if a.get("keep") else None
+    mapping = parse_mapping(a["map"]) if a.get("map") else None
+    plan = plan_from_template(old_classes, old_params, a.get("classes"), keep, mapping, rng, run)
+    subset = plan.take.size < len(old_params[0])
+    counts = {c: int(np.count_nonzero(plan.old_class == c)) for c in plan.mapping}
+    return _Source(
+        stack_row=stack_row, stack_path=stack_path, optics=optics, params=plan.params, new_class=plan.new_class,
+        subset=subset, parent_package=int(pkg["id"]), parent_refinement=run,
+        defaults={"symmetry": pkg["symmetry"], "molecular_weight": pkg["molecular_weight"],
+                  "largest_dimension": pkg["largest_dimension"]},
+        summary={"template_run": run, "template_package": int(pkg["id"]),
+                 "mapping": {str(k): v for k, v in plan.mapping.items()},
+                 "kept_per_old_class": {str(k): v for k, v in counts.items()},
+                 "dropped_per_old_class": {str(k): v for k, v in plan.dropped.items()}},
+    )
+
+
+def _fresh_params(base: np.ndarray, n_new: int, rng_angles: np.random.Generator,
+                  rng_occ: np.random.Generator | None) -> list[np.ndarray]:
+    """Per-class parameters for particles without 3D alignment: random orientations, no shifts."""
+    from cistem_mpi.kernels.euler import matrix_to_euler, random_rotations
+
+    p = empty_params(len(base))
+    p["position"] = base["position"]
+    for col in ("film", "df1", "df2", "angast", "pshift"):
+        p[col] = base[col]
+    phi, theta, psi = matrix_to_euler(random_rotations(len(base), rng_angles))
+    p["psi"], p["theta"], p["phi"] = psi, theta, phi
+    everyone = np.ones(len(base), dtype=bool)
+    occ = share_occupancies([everyone] * n_new, n_new, rng_occ)
+    out = []
+    for k in range(n_new):
+        q = p.copy()
+        q["occ"] = occ[k]
+        out.append(q)
+    return out
+
+
+def _with_occupancies(base: np.ndarray, n_new: int, rng_occ: np.random.Generator | None) -> list[np.ndarray]:
+    """Per-class copies of known parameters, occupancies shared between the classes."""
+    everyone = np.ones(len(base), dtype=bool)
+    occ = share_occupancies([everyone] * n_new, n_new, rng_occ)
+    out = []
+    for k in range(n_new):
+        q = base.copy()
+        q["occ"] = occ[k]
+        out.append(q)
+    return out
+
+
+def _n_classes(a: dict[str, Any]) -> int:
+    k = a.get("classes")
+    if k is None:
+        return 1
+    if k < 1:
+        raise InputError("--classes", f"the number of classes must be at least 1, got {k}")
+    return int(k)
+
+
+def _from_stack(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator | None) -> _Source:
+    from cistem_mpi.io.param_store import read_params_h5
+
+    _reject_options(a, "--from-stack", "--keep", "--map", "--select")
+    assert ctx.project is not None
+    stack_row = _stack_row(ctx.project.conn, int(a["from_stack"]), "--from-stack")
+    optics = _optics_of(stack_row)
+    stack_path = ctx.project.resolve(stack_row["path"])
+    n_stack = _stack_length(stack_path, optics.pixel_size)
+    n_new = _n_classes(a)
+    stored = stack_row["params_path"]
+    if stored:
+        path = ctx.project.resolve(stored)
+        if path.suffix.lower() == ".h5":
+            base = read_params_h5(path)
+        else:
+            from cistem_mpi.drivers.import_assets import read_particle_params
+
+            if not path.is_file():
+                raise InputError(path, "file not found")
+            base = read_particle_params(path, optics.pixel_size, n_stack).params
+        _check_positions(base["position"], n_stack, path, stack_path)
+        params = _with_occupancies(base, n_new, rng)
+        origin = str(path)
+    else:
+        base = empty_params(n_stack)
+        params = _fresh_params(base, n_new, np.random.default_rng(a.get("seed", 1)), rng)
+        origin = "random orientations (the stack has no parameters)"
+        ctx.log.warning("particle stack #%d has no parameter file: random orientations, no CTF values",
+                        int(stack_row["id"]))
+    return _Source(stack_row=stack_row, stack_path=stack_path, optics=optics, params=params,
+                   new_class=best_class(np.stack([p["occ"] for p in params])) + 1, subset=False,
+                   summary={"stack": int(stack_row["id"]), "parameters": origin})
+
+
+def _from_classification(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator | None) -> _Source:
+    from cistem_mpi.io.param_store import read_params_column, read_params_h5
+
+    _reject_options(a, "--from-classification", "--keep", "--map")
+    if not a.get("select"):
+        raise InputError("--select", "give the 2D classes to take (e.g. --select 1,4,7)")
+    assert ctx.project is not None
+    conn = ctx.project.conn
+    number = int(a["from_classification"])
+    cls = conn.execute("SELECT * FROM classifications_2d WHERE number = ?", (number,)).fetchone()
+    if cls is None:
+        raise InputError("--from-classification", f"no 2D classification #{number} in this project")
+    if cls["package_id"] is None:
+        raise InputError("--from-classification", f"2D classification #{number} has no refinement package")
+    if not cls["params_path"]:
+        raise InputError("--from-classification", f"2D classification #{number} has no per-particle parameters")
+    pkg = conn.execute("SELECT * FROM refinement_packages WHERE id = ?", (cls["package_id"],)).fetchone()
+    stack_row = _stack_row(conn, int(pkg["stack_id"]), "--from-classification")
+    path = ctx.project.resolve(cls["params_path"])
+    params = read_params_h5(path)
+    try:
+        classes = read_params_column(path, "class_2d")
+    except (OSError, KeyError) as exc:
+        raise InputError(path, f"cannot read the 2D classes ({exc})") from exc
+    if classes is None:
+        raise InputError(path, "has no 'class_2d' column (the per-particle 2D class)")
+    classes = np.asarray(classes).astype(np.int64).ravel()
+    if len(classes) != len(params):
+        raise InputError(path, f"'class_2d' has {len(classes)} rows but the parameters have {len(params)}")
+    n2d = int(cls["n_classes"])
+    select = parse_class_list(a["select"], "--select")
+    bad = [c for c in select if not 1 <= c <= n2d]
+    if bad:
+        raise InputError("--select", f"class {bad[0]} is not a class of 2D classification #{number} (1..{n2d})")
+    take = np.nonzero(np.isin(classes, select))[0]
+    if take.size == 0:
+        raise InputError("--select", f"no particle is in 2D class(es) {', '.join(map(str, select))} "
+                                     f"of classification #{number}; nothing to put in the package")
+    optics = _optics_of(stack_row)
+    stack_path = ctx.project.resolve(stack_row["path"])
+    base = params[take]
+    _check_positions(base["position"], _stack_length(stack_path, optics.pixel_size), path, stack_path)
+    out = _fresh_params(base, _n_classes(a), np.random.default_rng(a.get("seed", 1)), rng)
+    per_class = {str(c): int(np.count_nonzero(classes[take] == c)) for c in select}
+    return _Source(stack_row=stack_row, stack_path=stack_path, optics=optics, params=out,
+                   new_class=best_class(np.stack([p["occ"] for p in out])) + 1, subset=True,
+                   parent_package=int(pkg["id"]),
+                   defaults={"symmetry": pkg["symmetry"], "molecular_weight": pkg["molecular_weight"],
+                             "largest_dimension": pkg["largest_dimension"]},
+                   summary={"classification": number, "selected": select, "per_2d_class": per_class})
+
+
+def _metadata(a: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    from cistem_mpi.kernels.symmetry import parse_symmetry
+
+    symmetry = (a.get("symmetry") or defaults.get("symmetry") or "C1").strip().upper()
+    try:
+        parse_symmetry(symmetry)
+    except ValueError as exc:
+        raise InputError("--symmetry", str(exc)) from None
+    out = {"symmetry": symmetry}
+    for key, option in (("molecular_weight", "--molecular-weight"), ("largest_dimension", "--largest-dimension")):
+        v = a.get(key)
+        if v is not None and not (np.isfinite(v) and v > 0):
+            raise InputError(option, f"must be a positive number, got {v}")
+        out[key] = v if v is not None else defaults.get(key)
+    return out
+
+
+def _free_stack_name(directory: Path, number: int) -> Path:
+    """``particle_stack_<number>.mrcs``, the next free number if a stray file holds the name."""
+    while True:
+        path = directory / f"particle_stack_{number}.mrcs"
+        if not path.exists() and not path.with_name(path.name + ".part").exists():
+            return path
+        number += 1
+
+
+def _create(ctx: JobContext) -> dict:
+    if not ctx.is_controller:
+        return {}  # a bookkeeping job: rank 0 does it all
+    from cistem_mpi.io.par import write_par
+    from cistem_mpi.io.param_store import write_params_h5
+    from cistem_mpi.io.star import write_cistem_star
+
+    assert ctx.project is not None
+    a = ctx.args
+    conn = ctx.project.conn
+    rng = np.random.default_rng(a.get("seed", 1) + 7919) if a.get("randomise_occupancies") else None
+    if a.get("from_refinement") is not None:
+        src = _from_refinement(ctx, a, rng)
+    elif a.get("from_stack") is not None:
+        src = _from_stack(ctx, a, rng)
+    else:
+        src = _from_classification(ctx, a, rng)
+    meta = _metadata(a, src.defaults)
+    n = len(src.params[0])
+    n_new = len(src.params)
+    parent_positions = src.params[0]["position"].astype(np.int64)
+    package_number = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM refinement_packages").fetchone()[0])
+    run = naming.next_refinement_run(conn)
+    name = a.get("name") or f"Refinement Package #{package_number}"
+    box = int(src.stack_row["box"])
+
+    # ---- everything is checked: write files (removed again if anything fails)
+    written: list[Path] = []
+    try:
+        if src.subset:
+            stack_dir = ctx.project.root / naming.ASSET_DIRS["particle_stacks"]
+            stack_dir.mkdir(parents=True, exist_ok=True)
+            stack_path = _free_stack_name(stack_dir, package_number)
+            part = stack_path.with_name(stack_path.name + ".part")
+            written.append(part)
+            copy_particles(src.stack_path, parent_positions, part, src.optics.pixel_size,
+                           progress=lambda d, t: ctx.progress(d, t + 1, "copying particles"))
+            os.replace(part, stack_path)
+            written[-1] = stack_path
+            new_positions = np.arange(1, n + 1, dtype=np.int32)
+            stack_ref: Any = ctx.register(
+                "particle_stacks", path=stack_path, name=stack_path.stem, n_particles=n, box=box,
+                pixel_size=src.optics.pixel_size, voltage=src.optics.voltage, cs=src.optics.cs,
+                amplitude_contrast=src.optics.amplitude_contrast)
+        else:
+            stack_path = src.stack_path
+            new_positions = parent_positions.astype(np.int32)
+            stack_ref = int(src.stack_row["id"])
+        param_dir = ctx.project.root / naming.ASSET_DIRS["parameters"]
+        param_dir.mkdir(parents=True, exist_ok=True)
+        package = ctx.register(
+            "refinement_packages", name=name, stack_id=stack_ref, n_classes=n_new, symmetry=meta["symmetry"],
+            molecular_weight=meta["molecular_weight"], largest_dimension=meta["largest_dimension"],
+            n_particles=n, parent_id=src.parent_package)
+        refinement = ctx.register("refinements", package_id=package, kind="start", round=0, n_classes=n_new,
+                                  parent_id=src.parent_refinement)
+        class_sizes = {}
+        for k, params in enumerate(src.params, 1):
+            params = params.copy()
+            params["position"] = new_positions
+            base = param_dir / f"params_{run}_{k}"
+            for suffix in (".h5", ".par", ".star"):
+                written.append(base.with_suffix(suffix))
+            write_params_h5(base.with_suffix(".h5"), params,
+                            {"pixel_size": src.optics.pixel_size, "symmetry": meta["symmetry"]})
+            write_par(base.with_suffix(".par"), params)
+            write_cistem_star(base.with_suffix(".star"), ParticleSet(params=params, optics=[src.optics]))
+            ctx.register("refinement_classes", refinement_id=refinement, class_number=k,
+                         params_path=base.with_suffix(".h5"), occupancy=float(params["occ"].mean()))
+            class_sizes[str(k)] = int(np.count_nonzero(src.new_class == k))
+        rows = list(zip(new_positions.tolist(), parent_positions.tolist(), src.new_class.tolist()))
+        ctx.register_many("refinement_package_members", ("position", "parent_position", "class_number"), rows,
+                          package_id=package)
+    except BaseException:
+        for path in written:
+            Path(path).unlink(missing_ok=True)
+        raise
+    ctx.progress(1, 1, "done")
+    for k in range(1, n_new + 1):
+        if class_sizes[str(k)] == 0:
+            ctx.log.warning("class %d starts with no particle of its own (occupancy below the others everywhere)", k)
+    ctx.log.info("%s: %d particles in %d class(es) (%s); stack %s; %s", name, n, n_new,
+                 ", ".join(f"class {k}: {v}" for k, v in class_sizes.items()), ctx.project.store_path(stack_path),
+                 naming.volume_display_name("start", run, 1).rsplit(" - ", 1)[0])
+    return {"package_name": name, "particles": n, "classes": n_new, "refinement_run": run,
+            "start_params": f"Start Params #{run}", "stack": ctx.project.store_path(stack_path),
+            "new_stack": bool(src.subset), "particles_per_class": class_sizes, **src.summary}

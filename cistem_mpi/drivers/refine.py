@@ -1,0 +1,382 @@
+"""``cistem-mpi manual-refine`` and ``auto-refine``: per-particle alignment, 3D classification.
+
+One round: rank 0 hands out chunks of particles; each worker aligns its
+particles to every class reference (local search around the current
+parameters, or a global search followed by local refinement) and returns
+the new Frealign X rows and per-class LogP; rank 0 turns LogP into
+occupancies, then every rank takes part in the reconstruction of each class
+(:func:`cistem_mpi.drivers.reconstruct.reconstruct_particles`).  Auto refine
+repeats rounds with a resolution limit that follows the measured resolution
+until it stops improving.  Every finished round is checkpointed, so
+``--resume JOB`` continues a killed job from its last round; the job's
+refinements, parameter files and volumes are registered together at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cistem_mpi.db import naming
+from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
+from cistem_mpi.drivers.reconstruct import (
+    Reconstruction, ReconstructionSettings, load_refinement, reconstruct_particles, write_volume_assets,
+)
+from cistem_mpi.drivers.runtime import CheckpointStore, World, map_chunks
+from cistem_mpi.errors import InputError
+from cistem_mpi.io.params import ParticleSet
+from cistem_mpi.kernels import alignment as al
+from cistem_mpi.kernels import refinement as rf
+from cistem_mpi.kernels.projection import prepare_volume_ft
+from cistem_mpi.kernels.reconstruction import half_sets
+
+#: Auto refine stops when the resolution improves by less than this fraction.
+AUTO_MIN_IMPROVEMENT = 0.01
+#: Classification from random occupancies: rounds at a low resolution limit (Å) first.
+CLASSIFY_LOW_RES_ROUNDS = 3
+CLASSIFY_START_RESOLUTION = 20.0
+#: With several classes it stops when fewer particles than this fraction change class.
+AUTO_MIN_CLASS_CHANGE = 0.01
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``manual-refine`` and ``auto-refine``."""
+    for name, helptext in (("manual-refine", "one round of refinement/classification with your settings"),
+                           ("auto-refine", "rounds with a rising resolution limit until the resolution stops improving")):
+        p = sub.add_parser(name, help=helptext)
+        add_job_arguments(p)
+        p.add_argument("--refinement", type=int, help="start from this refinement run (default: the newest)")
+        p.add_argument("--reference", action="append", help="reference map per class (MRC); default: reconstruct")
+        p.add_argument("--classes", type=int, help="number of classes (default: the refinement's)")
+        p.add_argument("--symmetry", help="point group (default: the refinement package's)")
+        p.add_argument("--low-resolution", type=float, default=300.0, help="low resolution limit (Å)")
+        p.add_argument("--high-resolution", type=float, help="high resolution limit for alignment (Å)")
+        p.add_argument("--mask-radius", type=float, help="particle mask radius (Å; default 45%% of the box)")
+        p.add_argument("--max-shift", type=float, help="largest shift change searched (Å; default 10%% of box)")
+        p.add_argument("--angle-step", type=float, default=3.0, help="initial angular step of the local search (°)")
+        p.add_argument("--global", dest="global_search", action="store_true", help="global search over all orientations")
+        p.add_argument("--global-step", type=float, help="angular sampling of the global search (°)")
+        p.add_argument("--no-angles", action="store_true", help="keep angles fixed")
+        p.add_argument("--no-shifts", action="store_true", help="keep shifts fixed")
+        p.add_argument("--refine-defocus", action="store_true", help="refine each particle's defocus")
+        p.add_argument("--focus-radius", type=float, default=0.0, help="focused mask: sphere radius (Å)")
+        p.add_argument("--focus-centre", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                       help="focused mask: sphere centre in Å from the first voxel")
+        p.add_argument("--randomise-occupancies", action="store_true",
+                       help="start references from randomised occupancies (default for auto-refine with classes)")
+        p.add_argument("--seed", type=int, default=1, help="random seed (occupancy randomisation)")
+        if name == "auto-refine":
+            p.add_argument("--max-rounds", type=int, default=8)
+        p.set_defaults(func=lambda a, n=name: run_job(a, n.replace("-", "_"), _job))
+
+
+# ------------------------------------------------------------------ one round
+def align_round(world: World, plan: dict[str, Any] | None, references: list[np.ndarray] | None,
+                progress=None) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """Align every particle to every class; return (per-class params, LogP (n, K)) on rank 0."""
+    plan = world.bcast(plan)
+    references = world.bcast(references)
+    vfts = [prepare_volume_ft(r.astype(np.float32), 2.0) for r in references]
+    s: rf.AlignSettings = plan["align"]
+    band = al.make_band(plan["box"], plan["pixel_size"], plan["high_resolution"], plan["low_resolution"])
+    grid = search_band = None
+    if s.global_search:
+        grid = al.orientation_grid(s.global_step)
+        search_band = al.make_band(plan["box"], plan["pixel_size"],
+                                   max(plan["high_resolution"], plan["global_resolution"]), plan["low_resolution"])
+    state: dict[str, Any] = {}
+
+    def chunk(start: int, stop: int, _data: Any) -> list[Any]:
+        from cistem_mpi.io.mrc import open_stack
+
+        if "stack" not in state:
+            state["stack"] = open_stack(plan["stack"], pixel_size=plan["pixel_size"])
+        rows = plan["params"][start:stop]
+        out = []
+        for row in rows:
+            img = state["stack"][int(row["position"]) - 1]
+            out.append(rf.align_particle(img, row, plan["pixel_size"], plan["optics"], vfts, band, s,
+                                         grid=grid, search_band=search_band))
+        return out
+
+    results = map_chunks(world, len(plan["params"]), chunk, min_chunk=1, max_chunk=16, progress=progress)
+    if "stack" in state:
+        state["stack"].close()
+    if not world.is_controller:
+        return None
+    return _collect(plan, results)
+
+
+def _collect(plan: dict[str, Any], results: list[rf.ParticleResult]) -> tuple[list[np.ndarray], np.ndarray]:
+    """New per-class parameter tables from the particles' results (rank 0)."""
+    old = plan["class_params"]
+    k = len(old)
+    ps = plan["pixel_size"]
+    logp = np.array([r.logp for r in results])
+    priors = np.array([max(p["occ"].mean(), 1e-3) for p in old]) if k > 1 else np.ones(1)
+    occ = rf.occupancies(logp, priors / priors.sum())
+    out = []
+    for c in range(k):
+        new = old[c].copy()
+        a = [r.alignments[c] for r in results]
+        new["phi"] = np.mod([x.phi for x in a], 360.0)
+        new["theta"] = [x.theta for x in a]
+        new["psi"] = np.mod([x.psi for x in a], 360.0)
+        new["shx"] = np.array([x.shx for x in a]) * ps
+        new["shy"] = np.array([x.shy for x in a]) * ps
+        offsets = np.array([r.defocus_offset for r in results])
+        new["df1"] = old[c]["df1"] + offsets
+        new["df2"] = old[c]["df2"] + offsets
+        new["occ"] = occ[:, c]
+        new["logp"] = np.round(logp[:, c])
+        new["score"] = [r.scores[c] for r in results]
+        new["sigma"] = np.sqrt(np.clip(1.0 - (np.array(new["score"]) / 100.0) ** 2, 0.0, 1.0))
+        new["change"] = new["score"] - old[c]["score"]
+        out.append(new)
+    return out, logp
+
+
+# ------------------------------------------------------------------ the job
+def _job(ctx: JobContext) -> dict:
+    a = ctx.args
+    auto = ctx.job_type == "auto_refine"
+    world = ctx.world
+    store = CheckpointStore(ctx.checkpoint_dir)
+    state: dict[str, Any] | None = None
+    if ctx.is_controller:
+        state = _initial_state(ctx, auto)
+        latest = store.latest() if ctx.resumed_from is not None else None
+        if latest is not None:
+            state = _restore(state, latest)
+            ctx.log.info("resuming after round %d (resolution %.2f Å)", state["round"], state["history"][-1])
+    state = world.bcast(state)
+    settings = ReconstructionSettings(symmetry=state["symmetry"], mask_radius=state["mask_radius_A"])
+    if state["references"] is None:  # first reconstruction from the starting parameters
+        refs = _reconstruct_classes(ctx, state, settings)
+        if ctx.is_controller:
+            state["references"] = [r.volume for r in refs]
+            state["history"] = [min(r.resolution for r in refs)]
+            state["res05"] = max(_res_at(r, 0.5) for r in refs)
+    state = world.bcast(state)
+    max_rounds = a.get("max_rounds", 8) if auto else 1
+    rounds: list[dict[str, Any]] = state.get("rounds", [])
+    while state["round"] < max_rounds:
+        r = state["round"] + 1
+        plan = None
+        if ctx.is_controller:
+            plan = _round_plan(state, a, auto)
+            ctx.log.info("round %d: aligning %d particles to %d class(es), %s search, %.1f-%.1f Å",
+                         r, len(plan["params"]), len(state["class_params"]),
+                         "global" if plan["align"].global_search else "local", plan["low_resolution"],
+                         plan["high_resolution"])
+        out = align_round(world, plan, state["references"] if ctx.is_controller else None, progress=ctx.progress)
+        if ctx.is_controller:
+            assert out is not None
+            before = _best_class(state["class_params"])
+            state["class_params"], _ = out
+            moved = float(np.mean(_best_class(state["class_params"]) != before))
+        state = world.bcast(state)
+        recs = _reconstruct_classes(ctx, state, settings)
+        stop = False
+        if ctx.is_controller:
+            res = min(x.resolution for x in recs)
+            state["references"] = [x.volume for x in recs]
+            state["res05"] = max(_res_at(x, 0.5) for x in recs)
+            prev = state["history"][-1] if state["history"] else res
+            state["history"].append(res)
+            state["round"] = r
+            rounds.append({"round": r, "kind": plan["kind"], "params": [p.copy() for p in state["class_params"]],
+                           "recs": recs})
+            store.save(r, {"round": r, "history": state["history"], "res05": state["res05"]},
+                       arrays=_checkpoint_arrays(state))
+            ctx.log.info("round %d: resolution %.2f Å (was %.2f Å); populations %s", r, res, prev,
+                         [round(float(p["occ"].mean()), 1) for p in state["class_params"]])
+            if len(state["class_params"]) > 1:
+                # classification: go on while particles still change class
+                ctx.log.info("round %d: %.1f%% of particles changed class", r, 100 * moved)
+                stop = auto and r >= 2 and moved < AUTO_MIN_CLASS_CHANGE
+            else:
+                stop = auto and (prev - res) / prev < AUTO_MIN_IMPROVEMENT
+        state["rounds"] = []
+        stop = world.bcast(stop)
+        if stop:
+            break
+    if not ctx.is_controller:
+        return {}
+    return _register(ctx, state, rounds)
+
+
+def _best_class(class_params: list[np.ndarray]) -> np.ndarray:
+    """Each particle's class: where its occupancy is highest."""
+    return np.argmax(np.stack([p["occ"] for p in class_params], axis=1), axis=1)
+
+
+def _res_at(rec: Reconstruction, threshold: float) -> float:
+    from cistem_mpi.kernels.fsc import resolution_at
+
+    return resolution_at(rec.frequency * 1.0, rec.fsc, threshold, 1.0)
+
+
+def _initial_state(ctx: JobContext, auto: bool) -> dict[str, Any]:
+    """Starting parameters, references and settings (rank 0)."""
+    from cistem_mpi.io.mrc import read_mrc
+
+    a = ctx.args
+    ref = load_refinement(ctx, a.get("refinement"))
+    classes = ref["classes"]
+    n_classes = a.get("classes") or len(classes)
+    base = classes[0][1]
+    rng = np.random.default_rng(a.get("seed", 1))
+    class_params = [p.copy() for _, p in classes]
+    randomise = a.get("randomise_occupancies") or (auto and n_classes > 1)
+    if n_classes != len(classes):
+        if len(classes) != 1:
+            raise InputError("--classes", f"refinement #{ref['run']} has {len(classes)} classes; make a new "
+                                          "refinement package to change their number")
+        class_params = [base.copy() for _ in range(n_classes)]
+        randomise = True
+    if randomise and n_classes > 1:
+        # cisTEM: starting references from the parameters after randomising occupancies
+        pick = rng.integers(0, n_classes, len(base))
+        for c in range(n_classes):
+            class_params[c]["occ"] = np.where(pick == c, 100.0, 0.0)
+    box = None
+    references = None
+    if a.get("reference"):
+        if len(a["reference"]) != n_classes:
+            raise InputError("--reference", f"give one reference per class ({n_classes})")
+        references = []
+        for path in a["reference"]:
+            vol, vps = read_mrc(path, pixel_size=ref["optics"].pixel_size)
+            references.append(vol)
+    from cistem_mpi.io.mrc import open_stack
+
+    with open_stack(ref["stack_path"], pixel_size=ref["optics"].pixel_size) as st:
+        box = st.shape[-1]
+    if references is not None:
+        for path, vol in zip(a["reference"], references):
+            if vol.shape != (box, box, box):
+                raise InputError(path, f"reference box {vol.shape[0]} does not match the particles' box {box}")
+    ps = ref["optics"].pixel_size
+    mask_radius_A = a.get("mask_radius") or 0.45 * box * ps
+    focus = None
+    if a.get("focus_radius"):
+        if not a.get("focus_centre"):
+            raise InputError("--focus-centre", "a focused mask needs a centre (X Y Z in Å)")
+        # Å from the first voxel -> pixels from the volume centre
+        focus = tuple(float(v) / ps - box // 2 for v in a["focus_centre"])
+    return {
+        "run": ref["run"], "package_id": int(ref["package"]["id"]), "stack": ref["stack_path"],
+        "optics": ref["optics"], "box": int(box), "pixel_size": float(ps),
+        "symmetry": (a.get("symmetry") or ref["package"]["symmetry"] or "C1").upper(),
+        "class_params": class_params, "references": references, "round": 0, "history": [], "res05": None,
+        "mask_radius_A": float(mask_radius_A), "focus": focus, "rounds": [],
+    }
+
+
+def _round_plan(state: dict[str, Any], a: dict[str, Any], auto: bool) -> dict[str, Any]:
+    """Settings of the next round (rank 0)."""
+    ps, box = state["pixel_size"], state["box"]
+    if auto:
+        # follow the measured resolution: align to where the half maps still agree well
+        high = max(2.0 * ps, state["res05"] or 20.0)
+        if len(state["class_params"]) > 1 and state["round"] < CLASSIFY_LOW_RES_ROUNDS:
+            # classes start from random subsets: let them separate on low-resolution features first
+            high = max(high, CLASSIFY_START_RESOLUTION)
+    else:
+        high = a.get("high_resolution") or max(2.0 * ps, 8.0)
+    global_search = bool(a.get("global_search"))
+    step = a.get("global_step") or float(np.clip(np.degrees(high / (0.45 * box * ps)) * 2.0, 5.0, 20.0))
+    align = rf.AlignSettings(
+        mask_radius=state["mask_radius_A"] / ps, global_search=global_search, global_step=step,
+        angle_step=a.get("angle_step") or 3.0,
+        max_shift=(a.get("max_shift") or 0.1 * box * ps) / ps,
+        refine_angles=not a.get("no_angles"), refine_shifts=not a.get("no_shifts"),
+        refine_defocus=bool(a.get("refine_defocus")),
+        focus_centre=state["focus"], focus_radius=(a.get("focus_radius") or 0.0) / ps,
+    )
+    o = state["optics"]
+    # particles in the stack order, all classes share the rows' positions
+    return {
+        "stack": state["stack"], "box": box, "pixel_size": ps, "optics": (o.voltage, o.cs, o.amplitude_contrast),
+        "params": state["class_params"][int(np.argmax([p["occ"].mean() for p in state["class_params"]]))],
+        "class_params": state["class_params"], "align": align, "high_resolution": high,
+        "low_resolution": a.get("low_resolution") or 300.0, "global_resolution": max(high, 8.0),
+        "kind": "global" if global_search else "local",
+    }
+
+
+def _reconstruct_classes(ctx: JobContext, state: dict[str, Any], settings: ReconstructionSettings) -> list[Reconstruction]:
+    """Reconstruct every class from the current parameters (all ranks; results on rank 0)."""
+    out = []
+    k = len(state["class_params"])
+    best = _best_class(state["class_params"]) if ctx.is_controller and k > 1 else None
+    for c in range(k):
+        particles = None
+        if ctx.is_controller:
+            params = state["class_params"][c]
+            if best is not None:
+                # Each class volume from the particles assigned to it (highest occupancy):
+                # soft weights keep the classes alike and slow their divergence from a random start.
+                params = params.copy()
+                params["occ"] = np.where(best == c, 100.0, 0.0)
+            particles = ParticleSet(params=params, optics=[state["optics"]])
+        rec = reconstruct_particles(ctx.world, state["stack"], particles, settings, progress=None)
+        if ctx.is_controller:
+            out.append(rec)
+    return out
+
+
+def _checkpoint_arrays(state: dict[str, Any]) -> dict[str, np.ndarray]:
+    arrays = {f"params_{c}": p for c, p in enumerate(state["class_params"])}
+    arrays.update({f"reference_{c}": v for c, v in enumerate(state["references"])})
+    return arrays
+
+
+def _restore(state: dict[str, Any], checkpoint) -> dict[str, Any]:
+    k = len(state["class_params"])
+    state["class_params"] = [checkpoint.arrays[f"params_{c}"] for c in range(k)]
+    state["references"] = [checkpoint.arrays[f"reference_{c}"] for c in range(k)]
+    state["round"] = int(checkpoint.meta["round"])
+    state["history"] = list(checkpoint.meta["history"])
+    state["res05"] = checkpoint.meta["res05"]
+    return state
+
+
+def _register(ctx: JobContext, state: dict[str, Any], rounds: list[dict[str, Any]]) -> dict:
+    """Write parameter files and volumes of every round and register them (rank 0)."""
+    from cistem_mpi.io.par import write_par
+    from cistem_mpi.io.param_store import write_params_h5
+    from cistem_mpi.io.star import write_cistem_star
+
+    assert ctx.project is not None
+    conn = ctx.project.conn
+    parent = state["run"]
+    next_run = naming.next_refinement_run(conn)
+    param_dir = ctx.project.root / naming.ASSET_DIRS["parameters"]
+    summary = []
+    for i, rd in enumerate(rounds):
+        run = next_run + i
+        refinement = ctx.register("refinements", package_id=state["package_id"], kind=rd["kind"], round=rd["round"],
+                                  n_classes=len(rd["params"]), parent_id=parent)
+        parent_row = refinement
+        for c, (params, rec) in enumerate(zip(rd["params"], rd["recs"]), 1):
+            base = param_dir / f"params_{run}_{c}"
+            half = half_sets(params["position"])
+            write_params_h5(base.with_suffix(".h5"), params,
+                            {"pixel_size": state["pixel_size"], "symmetry": state["symmetry"]}, {"half_set": half})
+            write_par(base.with_suffix(".par"), params)
+            write_cistem_star(base.with_suffix(".star"), ParticleSet(params=params, optics=[state["optics"]]))
+            ctx.register("refinement_classes", refinement_id=refinement, class_number=c,
+                         params_path=base.with_suffix(".h5"), resolution=float(rec.resolution),
+                         occupancy=float(params["occ"].mean()))
+            write_volume_assets(ctx, rec, naming.volume_file_name(rd["kind"], run, c),
+                                naming.volume_display_name(rd["kind"], run, c, rd["round"]), state["pixel_size"],
+                                kind="refinement", run_number=run, class_number=c, refinement_id=refinement)
+            summary.append({"run": run, "round": rd["round"], "class": c, "resolution": round(rec.resolution, 3),
+                            "occupancy": round(float(params["occ"].mean()), 2)})
+        parent = parent_row
+    return {"rounds": summary, "resolution_history": [round(x, 3) for x in state["history"]]}

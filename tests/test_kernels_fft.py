@@ -1,0 +1,73 @@
+"""FFT plan cache and centring conventions (cistem_mpi.kernels.fft)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cistem_mpi.kernels import fft
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    fft.use_pyfftw(True, threads=1)
+
+
+def test_round_trips_odd_even_and_stacks():
+    rng = np.random.default_rng(0)
+    for shape in [(64, 64), (65, 65), (3, 32, 32), (6, 8)]:
+        a = rng.standard_normal(shape).astype(np.float32)
+        assert np.allclose(fft.ift2(fft.ft2(a), nx=shape[-1]), a, atol=1e-5)
+    v = rng.standard_normal((17, 17, 17)).astype(np.float32)
+    assert np.allclose(fft.iftn(fft.ftn(v)), v, atol=1e-5)
+
+
+def test_matches_numpy_with_centre_at_n_over_2():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((33, 33)).astype(np.float32)
+    ref = np.fft.rfft2(np.fft.ifftshift(a))
+    assert np.allclose(fft.ft2(a), ref, rtol=1e-4, atol=1e-4)
+    # a delta at the centre N//2 has a flat, real transform
+    d = np.zeros((32, 32), np.float32)
+    d[16, 16] = 1.0
+    f = fft.ft2(d)
+    assert np.allclose(f, 1.0, atol=1e-6)
+
+
+def test_plans_are_built_once_and_reused():
+    fft.clear_plan_cache()
+    a = np.ones((48, 48), np.float32)
+    for _ in range(5):
+        fft.ft2(a)
+    n1 = fft.plan_cache_info()["plans"]
+    for _ in range(5):
+        fft.ft2(a * 2)
+    assert fft.plan_cache_info()["plans"] == n1 == 1
+
+
+def test_inputs_are_not_modified_and_outputs_not_shared():
+    rng = np.random.default_rng(2)
+    f = fft.ft2(rng.standard_normal((32, 32)).astype(np.float32))
+    keep = f.copy()
+    r1 = fft.ift2(f)
+    assert np.array_equal(f, keep)  # c2r must not destroy the caller's array
+    r2 = fft.ift2(f * 0)
+    assert not np.shares_memory(r1, r2) and np.abs(r1).max() > 0
+
+
+def test_scipy_fallback_gives_the_same_numbers():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2, 40, 40)).astype(np.float32)
+    fft.use_pyfftw(True)
+    f1 = fft.ft2(a)
+    fft.use_pyfftw(False)
+    f2 = fft.ft2(a)
+    assert np.allclose(f1, f2, rtol=1e-4, atol=1e-4)
+    assert np.allclose(fft.ift2(f2), a, atol=1e-5)
+
+
+def test_deterministic():
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((64, 64, 64)).astype(np.float32)
+    assert np.array_equal(fft.ftn(a), fft.ftn(a.copy()))
