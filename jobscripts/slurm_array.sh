@@ -50,13 +50,23 @@ prep=$(sbatch --parsable "${opts[@]}" -J "${job[0]}-prepare" -n 1 -o "$dir/prepa
 arr=$(sbatch --parsable "${opts[@]}" -J "${job[0]}-array" -n 1 --array=0-$((tasks - 1)) \
   --dependency=afterok:"${prep%%;*}" -o "$dir/task-%A_%a.out" --wrap "$cmd --array-run $(q "$dir")")
 echo "slurm_array.sh: prepare job ${prep%%;*}, array job ${arr%%;*} ($tasks tasks), results in $dir"
-if [[ -n $wait ]]; then
-  rc=0
-  sbatch --parsable --wait "${opts[@]}" -J "${job[0]}-merge" -n 1 --dependency=afterok:"${arr%%;*}" \
-    --kill-on-invalid-dep=yes -o "$dir/merge-%j.out" --wrap "$cmd --array-merge $(q "$dir")" || rc=$?
-  echo "slurm_array.sh: merge job ended with exit code $rc (log: $dir/merge-*.out)"
-  exit $rc
-fi
 merge=$(sbatch --parsable "${opts[@]}" -J "${job[0]}-merge" -n 1 --dependency=afterok:"${arr%%;*}" \
   --kill-on-invalid-dep=yes -o "$dir/merge-%j.out" --wrap "$cmd --array-merge $(q "$dir")")
-echo "slurm_array.sh: merge job ${merge%%;*} runs after the array; follow with: cistem-mpi status --project <P>"
+merge=${merge%%;*}
+if [[ -z $wait ]]; then
+  echo "slurm_array.sh: merge job $merge runs after the array; follow with: cistem-mpi status --project <P>"
+  exit 0
+fi
+# --wait: poll the merge job (scontrol keeps finished jobs for MinJobAge, 300 s by default)
+echo "slurm_array.sh: waiting for merge job $merge"
+while :; do
+  info=$(scontrol -o show job "$merge" 2>/dev/null || true)
+  state=$(grep -o 'JobState=[A-Z_]*' <<<"$info" | cut -d= -f2)
+  case $state in
+    PENDING|RUNNING|CONFIGURING|COMPLETING|SUSPENDED|REQUEUED|"") sleep 1 ;;
+    *) break ;;
+  esac
+done
+code=$(grep -o ' ExitCode=[0-9]*' <<<"$info" | cut -d= -f2)
+echo "slurm_array.sh: merge job $merge $state (exit code ${code:-?}; log: $dir/merge-$merge.out)"
+[[ $state == COMPLETED ]]

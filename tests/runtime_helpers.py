@@ -35,17 +35,76 @@ def run(cmd: list[str], timeout: float = 60, env: dict | None = None, cwd: Path 
     if env:
         full_env.update(env)
     t0 = time.monotonic()
+    shm_before = _mpich_shm()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                             cwd=cwd, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        if env and "SLURM_CONF" in env:  # ranks started by slurmd are not our children
+            subprocess.run(["scancel", "--full", "-u", str(os.getuid())], env=full_env, capture_output=True, timeout=30)
+        _kill_session(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a grandchild in another process group still holds the pipes
+            proc.kill()
+            out, err = "", ""
         pytest.fail(f"timed out after {timeout} s (hung?): {' '.join(cmd)}\nstdout:\n{out}\nstderr:\n{err}")
+    _remove_leaked_shm(shm_before)
     res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     res.elapsed = time.monotonic() - t0  # type: ignore[attr-defined]
     return res
+
+
+def _mpich_shm() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("mpich_shm_")}
+    except OSError:
+        return set()
+
+
+def _remove_leaked_shm(before: set[str]) -> None:
+    """Remove MPICH shared-memory segments our command created and left behind.
+
+    A rank killed by SIGKILL or MPI_Abort never unlinks its segment; on a
+    Slurm test cluster whose job ids repeat, a stale segment with the same
+    name makes the next job hang in MPI_Init.  Only segments that appeared
+    during the command and are mapped by no live process are removed.
+    """
+    new = _mpich_shm() - before
+    if not new:
+        return
+    mapped: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/maps") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            mapped.update(n for n in new if n in text)
+    for name in new - mapped:
+        try:
+            os.unlink(f"/dev/shm/{name}")
+        except OSError:
+            pass
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (the command and all it started, e.g. salloc's srun)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # state ppid pgrp session
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def cli(*args: str) -> list[str]:

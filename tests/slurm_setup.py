@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def start(timeout: float = 900) -> tuple[SlurmCluster | None, str]:
         SLURM_LOCAL_CTLD_PORT=str(_free_port()),
         SLURM_LOCAL_D_PORT=str(_free_port()),
         SLURM_LOCAL_TIMEOUT="60",
-        SLURM_LOCAL_KILLWAIT="5",  # a killed step's survivors get SIGKILL 5 s after SIGTERM
+        SLURM_LOCAL_KILLWAIT="5",
+        # job ids never seen before on this machine (see start-local-slurm.sh)
+        SLURM_LOCAL_FIRST_JOB_ID=str(1000 + (int(time.time() * 10) % 60_000_000)),  # a killed step's survivors get SIGKILL 5 s after SIGTERM
     )
     try:
         res = subprocess.run(["bash", str(START)], env=env, capture_output=True, text=True, timeout=timeout)

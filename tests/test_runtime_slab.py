@@ -32,7 +32,7 @@ def test_one_rank_is_identity():
     w = World(None)
     acc = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
     s = reduce_scatter_z(w, acc)
-    assert (s.z0, s.z1) == (0, 4) and np.array_equal(s.data, acc)
+    assert (s.z0, s.z1) == (0, 4) and s.data is acc
     assert np.array_equal(gather_z(w, s.data, acc.shape), acc)
     with pytest.raises(ValueError, match="slab shape"):
         gather_z(w, acc[:2], acc.shape)
@@ -42,6 +42,7 @@ def test_accumulator_bytes_formula():
     # P = 512: numerator complex64 + weights float32 on 512 x 512 x 257
     b = accumulator_bytes(256, 2, 1)
     assert b["accumulator"] == 512 * 512 * 257 * 12 == 808_452_096
+    assert b["per_rank"] == b["accumulator"]  # one rank: the accumulator is the sum
     b8 = accumulator_bytes(512, 2, 8)
     assert b8["accumulator"] == 1024 * 1024 * 513 * 12
     assert b8["slab"] == 128 * 1024 * 513 * 12

@@ -144,13 +144,14 @@ def _job(ctx: JobContext) -> dict:
     a = ctx.args
     auto = ctx.job_type == "auto_refine"
     world = ctx.world
-    store = CheckpointStore(ctx.checkpoint_dir)
+    # every round is kept until the job registers them all at its end
+    store = CheckpointStore(ctx.checkpoint_dir, keep=10_000)
     state: dict[str, Any] | None = None
+    rounds: list[dict[str, Any]] = []
     if ctx.is_controller:
         state = _initial_state(ctx, auto)
-        latest = store.latest() if ctx.resumed_from is not None else None
-        if latest is not None:
-            state = _restore(state, latest)
+        if ctx.resumed_from is not None and store.iterations():
+            state, rounds = _restore(state, store)
             ctx.log.info("resuming after round %d (resolution %.2f Å)", state["round"], state["history"][-1])
     state = world.bcast(state)
     settings = ReconstructionSettings(symmetry=state["symmetry"], mask_radius=state["mask_radius_A"])
@@ -162,8 +163,9 @@ def _job(ctx: JobContext) -> dict:
             state["res05"] = max(_res_at(r, 0.5) for r in refs)
     state = world.bcast(state)
     max_rounds = a.get("max_rounds", 8) if auto else 1
-    rounds: list[dict[str, Any]] = state.get("rounds", [])
-    while state["round"] < max_rounds:
+    # rank 0 decides whether another round runs; every rank follows the same decision
+    go_on = world.bcast(state["round"] < max_rounds and not state.get("stopped"))
+    while go_on:
         r = state["round"] + 1
         plan = None
         if ctx.is_controller:
@@ -188,10 +190,6 @@ def _job(ctx: JobContext) -> dict:
             prev = state["history"][-1] if state["history"] else res
             state["history"].append(res)
             state["round"] = r
-            rounds.append({"round": r, "kind": plan["kind"], "params": [p.copy() for p in state["class_params"]],
-                           "recs": recs})
-            store.save(r, {"round": r, "history": state["history"], "res05": state["res05"]},
-                       arrays=_checkpoint_arrays(state))
             ctx.log.info("round %d: resolution %.2f Å (was %.2f Å); populations %s", r, res, prev,
                          [round(float(p["occ"].mean()), 1) for p in state["class_params"]])
             if len(state["class_params"]) > 1:
@@ -200,10 +198,11 @@ def _job(ctx: JobContext) -> dict:
                 stop = auto and r >= 2 and moved < AUTO_MIN_CLASS_CHANGE
             else:
                 stop = auto and (prev - res) / prev < AUTO_MIN_IMPROVEMENT
-        state["rounds"] = []
-        stop = world.bcast(stop)
-        if stop:
-            break
+            state["stopped"] = bool(stop)
+            rounds.append({"round": r, "kind": plan["kind"], "params": [p.copy() for p in state["class_params"]],
+                           "recs": recs})
+            _save_round(store, state, plan["kind"], recs)
+        go_on = world.bcast(not stop and state["round"] < max_rounds)
     if not ctx.is_controller:
         return {}
     return _register(ctx, state, rounds)
@@ -330,20 +329,40 @@ def _reconstruct_classes(ctx: JobContext, state: dict[str, Any], settings: Recon
     return out
 
 
-def _checkpoint_arrays(state: dict[str, Any]) -> dict[str, np.ndarray]:
-    arrays = {f"params_{c}": p for c, p in enumerate(state["class_params"])}
-    arrays.update({f"reference_{c}": v for c, v in enumerate(state["references"])})
-    return arrays
+_REC_ARRAYS = ("volume", "half1", "half2", "sharpened", "frequency", "fsc", "fsc_unmasked")
+_REC_SCALARS = ("resolution", "bfactor", "n_particles")
 
 
-def _restore(state: dict[str, Any], checkpoint) -> dict[str, Any]:
+def _save_round(store: CheckpointStore, state: dict[str, Any], kind: str, recs: list[Reconstruction]) -> None:
+    """Checkpoint a finished round: parameters, references and the round's outputs (rank 0)."""
+    arrays: dict[str, np.ndarray] = {}
+    for c, (p, rec) in enumerate(zip(state["class_params"], recs)):
+        arrays[f"params_{c}"] = p
+        for name in _REC_ARRAYS:
+            arrays[f"rec_{c}_{name}"] = getattr(rec, name)
+    meta = {"round": state["round"], "history": state["history"], "res05": state["res05"], "kind": kind,
+            "stopped": state.get("stopped", False),
+            "recs": [{k: getattr(rec, k) for k in _REC_SCALARS} for rec in recs]}
+    store.save(state["round"], meta, arrays=arrays)
+
+
+def _restore(state: dict[str, Any], store: CheckpointStore) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """State after the last checkpointed round and every round's outputs so far (rank 0)."""
     k = len(state["class_params"])
-    state["class_params"] = [checkpoint.arrays[f"params_{c}"] for c in range(k)]
-    state["references"] = [checkpoint.arrays[f"reference_{c}"] for c in range(k)]
-    state["round"] = int(checkpoint.meta["round"])
-    state["history"] = list(checkpoint.meta["history"])
-    state["res05"] = checkpoint.meta["res05"]
-    return state
+    rounds = []
+    for it in store.iterations():
+        cp = store.load(it)
+        recs = [Reconstruction(**{n: cp.arrays[f"rec_{c}_{n}"] for n in _REC_ARRAYS}, **cp.state["recs"][c])
+                for c in range(k)]
+        params = [cp.arrays[f"params_{c}"] for c in range(k)]
+        rounds.append({"round": it, "kind": cp.state["kind"], "params": params, "recs": recs})
+        state["class_params"] = [p.copy() for p in params]
+        state["references"] = [r.volume for r in recs]
+        state["round"] = int(cp.state["round"])
+        state["history"] = list(cp.state["history"])
+        state["res05"] = cp.state["res05"]
+        state["stopped"] = bool(cp.state.get("stopped", False))
+    return state, rounds
 
 
 def _register(ctx: JobContext, state: dict[str, Any], rounds: list[dict[str, Any]]) -> dict:

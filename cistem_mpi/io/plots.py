@@ -26,12 +26,12 @@ def save_image_png(path: str | Path, image: np.ndarray, title: str = "") -> None
     plt = _plt()
     lo, hi = np.percentile(image, [2, 98]) if image.size else (0, 1)
     h, w = image.shape
-    fig = plt.figure(figsize=(w / 100 * 2 + 0.2, h / 100 * 2 + (0.4 if title else 0.2)), dpi=100)
-    ax = fig.add_axes([0, 0, 1, 0.92 if title else 1])
+    fig = plt.figure(figsize=(max(4.0, w / 100 * 2 + 0.2), h / 100 * 2 + (0.4 if title else 0.2)), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 0.9 if title else 1])
     ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower", interpolation="nearest")
     ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=8)
     fig.savefig(path)
     plt.close(fig)
 
@@ -63,11 +63,13 @@ def save_fsc_png(
         ax.axhline(t, color="grey", lw=0.7, ls="--")
     ax.set_xlim(0, 0.5 / pixel_size)
     ax.set_ylim(-0.1, 1.05)
-    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_xlabel("spatial frequency (1/Å) and resolution")
     ax.set_ylabel("FSC")
     ax.set_title(title, fontsize=9)
-    secondary = ax.secondary_xaxis("top", functions=(lambda s: 1 / np.maximum(s, 1e-6), lambda r: 1 / np.maximum(r, 1e-6)))
-    secondary.set_xlabel("resolution (Å)")
+    # label the frequency axis with resolutions too (Å), which is what users read off
+    ticks = np.linspace(0, 0.5 / pixel_size, 6)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:.3f}\n" + (f"{1 / t:.1f} Å" if t > 0 else "") for t in ticks], fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

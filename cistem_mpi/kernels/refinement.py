@@ -163,12 +163,14 @@ def _refine_defocus(x_c, vft, a, band, n, pixel_size, optics, row, offsets) -> f
                         np.full(k, row["angast"]), np.full(k, row["pshift"]))
     scores = al.cc(x_c, al.crop_ft(ctfs, band.m) * proj[None], band)
     j = int(np.argmax(scores))
-    if 0 < j < k - 1:
-        c0, c1, c2 = scores[j - 1], scores[j], scores[j + 1]
-        den = c0 - 2 * c1 + c2
-        frac = 0.5 * (c0 - c2) / den if den < 0 else 0.0
-        return float(offsets[j] + np.clip(frac, -0.5, 0.5) * (offsets[1] - offsets[0]))
-    return float(offsets[j])
+    if not 0 < j < k - 1:
+        # no maximum inside the searched range: the score does not pin the defocus down
+        # (too little signal in the band); keep the particle's defocus
+        return 0.0
+    c0, c1, c2 = scores[j - 1], scores[j], scores[j + 1]
+    den = c0 - 2 * c1 + c2
+    frac = 0.5 * (c0 - c2) / den if den < 0 else 0.0
+    return float(offsets[j] + np.clip(frac, -0.5, 0.5) * (offsets[1] - offsets[0]))
 
 
 def occupancies(logp: np.ndarray, priors: np.ndarray) -> np.ndarray:

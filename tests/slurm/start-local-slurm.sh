@@ -13,6 +13,9 @@
 #                       then need SLURM_CONF (see $PREFIX/env.sh)
 #   SLURM_LOCAL_TIMEOUT seconds to wait for the node to become idle (default 60)
 #   SLURM_LOCAL_KILLWAIT seconds between SIGTERM and SIGKILL when a step ends (default 30)
+#   SLURM_LOCAL_FIRST_JOB_ID first job id (default 1).  MPICH names its shared-memory segments
+#                       after the job/step id; a fresh cluster that reuses ids can meet a
+#                       segment left in /dev/shm by a killed step and hang in MPI_Init.
 #   SLURM_LOCAL_CTLD_PORT / SLURM_LOCAL_D_PORT  slurmctld / slurmd ports (default 6817 / 6818;
 #                       the test fixture picks free ones so it cannot clash with another cluster)
 #
@@ -28,6 +31,7 @@ TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
 CTLD_PORT=${SLURM_LOCAL_CTLD_PORT:-6817}
 D_PORT=${SLURM_LOCAL_D_PORT:-6818}
 KILLWAIT=${SLURM_LOCAL_KILLWAIT:-30}
+FIRST_JOB_ID=${SLURM_LOCAL_FIRST_JOB_ID:-1}
 PARTITION=debug
 CONF=$PREFIX/etc/slurm.conf
 RUN=$PREFIX/run
@@ -124,6 +128,7 @@ SchedulerType=sched/backfill
 SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=${KILLWAIT}
+FirstJobId=${FIRST_JOB_ID}
 MailProg=/bin/true
 StateSaveLocation=${STATE}/ctld
 SlurmdSpoolDir=${STATE}/d

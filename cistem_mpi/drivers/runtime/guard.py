@@ -93,9 +93,9 @@ def guarded(
         _mark_handled(exc)
         if world.size > 1:
             # After the stop protocol the failure is fully handled: re-raise it as
-            # JobFailed so the caller does not start another stop (run_job calls
-            # MPI_Abort for other exceptions).  Bad input (InputError) and
-            # cancellation keep their type on rank 0: they mean something else.
+            # JobFailed (flagged as handled) so no caller starts another stop or an
+            # MPI_Abort.  Bad input (InputError) and cancellation keep their type
+            # on rank 0: they mean something else to the job record.
             if world.is_controller:
                 if isinstance(exc, Exception) and not isinstance(exc, CistemError):
                     assert info is not None

@@ -66,14 +66,15 @@ def reduce_scatter_z(world: World, acc: np.ndarray) -> Slab:
     Returns
     -------
     Slab
-        ``data`` has shape ``(z1 - z0,) + acc.shape[1:]`` and acc's dtype.
+        ``data`` has shape ``(z1 - z0,) + acc.shape[1:]`` and acc's dtype.  With
+        one rank ``data`` *is* ``acc`` (no copy).
     """
     acc = np.ascontiguousarray(acc)
     shape = tuple(acc.shape)
     bounds = slab_bounds(shape[0], world.size)
     z0, z1 = bounds[world.rank]
-    if world.size == 1:
-        return Slab(acc.copy(), z0, z1, shape)
+    if world.size == 1:  # the sum is the accumulator itself: no copy, no extra memory
+        return Slab(acc, z0, z1, shape)
     per_plane = int(np.prod(shape[1:], dtype=np.int64)) * (2 if np.iscomplexobj(acc) else 1)
     counts = [(b - a) * per_plane for a, b in bounds]
     out = np.empty((z1 - z0,) + shape[1:], dtype=acc.dtype)
@@ -127,12 +128,13 @@ def accumulator_bytes(box: int, padding: int = 2, n_ranks: int = 1) -> dict[str,
     Returns
     -------
     dict
-        ``accumulator`` (numerator + weights), ``slab`` (its largest z-slab
-        of the sum on one rank) and ``per_rank`` (their sum).
+        ``accumulator`` (numerator + weights), ``slab`` (the largest z-slab
+        of the sum held by one rank; 0 with one rank, where the accumulator
+        is the sum) and ``per_rank`` (their sum).
     """
     p = box * padding
     voxels = p * p * (p // 2 + 1)
     acc = voxels * (8 + 4)
     z0, z1 = slab_bounds(p, n_ranks)[0]
-    slab = (z1 - z0) * p * (p // 2 + 1) * (8 + 4)
+    slab = (z1 - z0) * p * (p // 2 + 1) * (8 + 4) if n_ranks > 1 else 0  # 1 rank: no copy
     return {"accumulator": acc, "slab": slab, "per_rank": acc + slab}

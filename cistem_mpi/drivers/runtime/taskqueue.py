@@ -12,13 +12,17 @@ not on which rank or chunk computes it).  With one rank, rank 0 runs the
 same chunks itself.
 
 Message protocol (tags from :meth:`World.next_tag`, so consecutive queues do
-not mix): worker -> 0 ``REQ`` carrying ``None`` (first request) or
-``(start, results)``; 0 -> worker ``REP`` carrying ``(start, stop, payload)``
-or ``None`` (no more work).
+not mix): worker -> 0 ``(kind, start, results)`` where kind asks for a chunk
+(WANT: answered with exactly one reply), only delivers results (KEEP), or
+leaves the queue (LEAVE: no request in flight); 0 -> worker
+``(start, stop, payload)`` or ``None`` (no more work).  A worker keeps one
+chunk requested ahead of the one it computes, so it never waits for rank 0
+while rank 0 has work (prefetch; see :data:`PREFETCH`).
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -26,6 +30,10 @@ from typing import Any, Callable, Sequence
 from cistem_mpi.drivers.runtime.world import World, _Backoff
 
 ProgressFn = Callable[[int, int], Any]
+
+#: Chunks a worker requests ahead of the one it computes (0: classic request/reply).
+#: One is enough to hide the round trip to rank 0 behind the computation.
+PREFETCH = 1
 
 
 def next_chunk_size(
@@ -194,7 +202,7 @@ def _run_controller(world, tag, n, payload, chunk_size, min_chunk, max_chunk, pr
     comm = world.comm
     req_tag, rep_tag = tag, tag + 1
     results: list[Any] | None = [None] * n if keep else None
-    active = set(range(1, world.size))  # workers not yet told "no more work"
+    active = set(range(1, world.size))  # workers that have not left the queue
     next_start = 0
     done = 0
     sends: list[Any] = []
@@ -210,12 +218,18 @@ def _run_controller(world, tag, n, payload, chunk_size, min_chunk, max_chunk, pr
             continue
         backoff = _Backoff()
         src = st.Get_source()
-        got = msg.recv()
-        if got is not None:
-            start, res = got
+        kind, start, res = msg.recv()
+        if res is not None:
             stop = start + len(res)
             _store(results, start, stop, res, on_result)
             done += len(res)
+            if progress:
+                progress(done, n)
+        if kind == _LEAVE:
+            active.discard(src)
+            continue
+        if kind != _WANT:
+            continue
         if next_start < n:
             size = next_chunk_size(n - next_start, world.size - 1, n, chunk_size, min_chunk, max_chunk)
             stop = next_start + size
@@ -223,12 +237,9 @@ def _run_controller(world, tag, n, payload, chunk_size, min_chunk, max_chunk, pr
             next_start = stop
         else:
             reply = None
-            active.discard(src)
         sends.append(comm.isend(reply, dest=src, tag=rep_tag))
         if len(sends) > 64:  # let finished send requests go
             sends = [s for s in sends if not s.test()[0]]
-        if got is not None and progress:
-            progress(done, n)
     world.waitall(sends)
     if done != n:
         raise RuntimeError(f"task queue ended with {done} of {n} tasks done")
@@ -236,18 +247,44 @@ def _run_controller(world, tag, n, payload, chunk_size, min_chunk, max_chunk, pr
 
 
 # ---------------------------------------------------------------------- workers
-def _run_worker(world, tag, fn_chunk):
+# Worker -> rank 0 messages: (kind, start, results).  _WANT asks for a chunk (every
+# _WANT gets exactly one reply: a chunk or None); _KEEP only delivers results;
+# _LEAVE says this worker has no request in flight and is done with this queue.
+_WANT, _KEEP, _LEAVE = 0, 1, 2
+
+
+def _run_worker(world, tag, fn_chunk, prefetch=PREFETCH):
+    """Compute chunks, keeping ``prefetch`` more chunks requested ahead (hides the round trip)."""
     comm = world.comm
     req_tag, rep_tag = tag, tag + 1
-    outgoing: Any = None
+    sends: list[Any] = []
+    in_flight = 0  # _WANT requests not yet answered
+    reserve: collections.deque = collections.deque()
+    exhausted = False  # rank 0 answered None: no more chunks
+    for _ in range(1 + max(0, prefetch)):
+        sends.append(comm.isend((_WANT, 0, None), dest=0, tag=req_tag))
+        in_flight += 1
     while True:
-        req = comm.isend(outgoing, dest=0, tag=req_tag)
-        reply, _ = world.recv_from(0, rep_tag)
-        world.wait(req)
-        if reply is None:
-            return
-        start, stop, data = reply
+        # take every reply that has arrived; block only when there is nothing to compute
+        while in_flight and (not reserve or comm.iprobe(source=0, tag=rep_tag)):
+            reply, _ = world.recv_from(0, rep_tag)
+            in_flight -= 1
+            if reply is None:
+                exhausted = True
+            else:
+                reserve.append(reply)
+        if not reserve:
+            break
+        start, stop, data = reserve.popleft()
         res = list(fn_chunk(start, stop, data))
         if len(res) != stop - start:
             raise ValueError(f"task chunk {start}..{stop} returned {len(res)} results, expected {stop - start}")
-        outgoing = (start, res)
+        if exhausted:
+            sends.append(comm.isend((_KEEP, start, res), dest=0, tag=req_tag))
+        else:
+            sends.append(comm.isend((_WANT, start, res), dest=0, tag=req_tag))
+            in_flight += 1
+        if len(sends) > 8:
+            sends = [s for s in sends if not s.test()[0]]
+    sends.append(comm.isend((_LEAVE, 0, None), dest=0, tag=req_tag))
+    world.waitall(sends)
