@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # The main job on the built-in dataset (simulated from PDB 8ZPM), end to end.
 demo: $(STAMP)
-	$(BIN)/cistem-mpi demo --directory demo_project --ranks 2
+	$(BIN)/cistem-mpi demo --directory demo_project --ranks 3 --force
 
 # The default test suite (< 15 min on 2 cores).  Slow acceptance tests: make test-slow.
 test: $(STAMP)
@@ -29,4 +29,4 @@ bench: $(STAMP)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf demo_project .pytest_cache
+	rm -rf demo_project demo_project-data .pytest_cache

@@ -11,7 +11,7 @@ Measures, each under ``mpiexec -n N`` (the pip MPICH; N > cores is oversubscribe
    ranks, against the ideal ``workers x 1000/s``;
 3. parallel efficiency of a real kernel (numpy FFTs of 256^2 images) at 1,
    2 and 3 ranks on this machine, against 1 rank (the baseline);
-4. message volume per task, to extrapolate to 352 ranks (docs/parallel.md).
+4. message volume per task, to extrapolate to 352 ranks (README.md, "Running in parallel").
 
 Prints a table and writes benchmarks/out/bench_runtime.json.
 """

@@ -9,7 +9,7 @@
 # submission happens on the head node; log out, come back, and follow the job
 # with `cistem-mpi status --project DIR` (or the output file below).
 #
-# Choosing the numbers (see docs/parallel.md):
+# Choosing the numbers (see README.md, "Running in parallel"):
 #   --ntasks          MPI ranks = 1 controller + workers; one worker per core is usual,
 #                     and the controller mostly sleeps, so ntasks = cores (+1 on a workstation)
 #   --cpus-per-task   threads per rank (FFTW/numba); 1 unless memory forces fewer ranks per node

@@ -293,10 +293,13 @@ def test_auto_refine_from_perturbed_parameters(tmp_path):
     """Angles off by up to 10° and shifts by 3 px: median error < 1° and < 0.5 px after auto refine,
     resolution within 10% of the true-parameter reconstruction's."""
     box, ps = 96, 2.5 * 64 / 96
-    sim = simulate_particles(tmp_path / "data", n_particles=800, box=box, pixel_size=ps, snr=0.5, seed=11)
+    sim = simulate_particles(tmp_path / "data", n_particles=2000, box=box, pixel_size=ps, snr=0.5, seed=11)
     write_par(tmp_path / "start.par", _perturbed(sim.particles.params, np.random.default_rng(5), ps))
     root = _project_with(tmp_path, sim, [tmp_path / "start.par"], ps)
-    r = subprocess.run(CLI + ["auto-refine", "-p", str(root), "--max-rounds", "6"], capture_output=True, text=True)
+    cmd = CLI + ["auto-refine", "-p", str(root), "--max-rounds", "8"]
+    if MPIEXEC:
+        cmd = [MPIEXEC, "-n", "3"] + cmd
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     final = _last_params(root)[0]
     ang, shift = _errors(final, sim.particles.params, ps)
@@ -309,6 +312,7 @@ def test_auto_refine_from_perturbed_parameters(tmp_path):
 
 
 def _classify(tmp: Path, sim, ps: float, box: int, focus: bool) -> float:
+    tmp.mkdir(parents=True, exist_ok=True)
     write_par(tmp / "start.par", sim.particles.params)
     root = _project_with(tmp, sim, [tmp / "start.par"], ps)
     cmd = CLI + ["auto-refine", "-p", str(root), "--classes", "2", "--max-rounds", "8"]

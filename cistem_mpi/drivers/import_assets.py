@@ -152,8 +152,13 @@ def check_header_pixel_size(path: Path, header_ps: float, pixel_size: float) -> 
         raise InputError(path, f"header pixel size {header_ps:.4f} Å does not match {pixel_size:.4f} Å")
 
 
-def read_particle_params(path: Path, pixel_size: float | None, n_in_stack: int) -> ParticleSet:
-    """Read one parameter file (.par/.star/.cs) and check it against the stack."""
+def read_particle_params(path: Path, pixel_size: float | None, n_in_stack: int,
+                         optics: tuple[float, float, float] = (300.0, 2.7, 0.07)) -> ParticleSet:
+    """Read one parameter file (.par/.star/.cs) and check it against the stack.
+
+    A ``.par`` file carries no optics: ``pixel_size`` and ``optics``
+    (voltage kV, Cs mm, amplitude contrast) come from the command line.
+    """
     suffix = path.suffix.lower()
     if suffix == ".par":
         from cistem_mpi.io.par import read_par
@@ -161,7 +166,9 @@ def read_particle_params(path: Path, pixel_size: float | None, n_in_stack: int) 
         params = read_par(path)
         if pixel_size is None:
             raise InputError(path, ".par files carry no pixel size; give --pixel-size")
-        ps = ParticleSet(params=params, optics=[Optics(pixel_size=pixel_size)])
+        voltage, cs, ac = optics
+        ps = ParticleSet(params=params, optics=[Optics(pixel_size=pixel_size, voltage=voltage, cs=cs,
+                                                       amplitude_contrast=ac)])
     elif suffix == ".star":
         from cistem_mpi.io.star import read_star
 
@@ -197,7 +204,8 @@ def _import_particles(ctx: JobContext) -> dict:
         header_ps = stack.header.pixel_size
     if nx != ny:
         raise InputError(stack_path, f"particle images must be square, got {nx}x{ny}")
-    sets = [read_particle_params(_existing(p), a["pixel_size"], n) for p in a["params"]]
+    sets = [read_particle_params(_existing(p), a["pixel_size"], n, (a["voltage"], a["cs"], a["amplitude_contrast"]))
+            for p in a["params"]]
     # classes are matched by stack position, whatever the row order of each file
     sets = [s.take(np.argsort(s.params["position"], kind="stable")) for s in sets]
     for p, s in zip(a["params"], sets):
@@ -214,8 +222,7 @@ def _import_particles(ctx: JobContext) -> dict:
     run = naming.next_refinement_run(conn)
     stack_row = ctx.register(
         "particle_stacks", path=str(stack_path), name=stack_path.stem, n_particles=n, box=nx, pixel_size=pixel_size,
-        voltage=a["voltage"] if a["voltage"] is not None else optics.voltage, cs=optics.cs,
-        amplitude_contrast=optics.amplitude_contrast,
+        voltage=optics.voltage, cs=optics.cs, amplitude_contrast=optics.amplitude_contrast,
     )
     n_classes = len(sets)
     package = ctx.register(

@@ -375,12 +375,9 @@ def _job(ctx: JobContext) -> dict:
             stack_path = str(Path(a["stack"]).absolute())
             with open_stack(stack_path, pixel_size=a.get("pixel_size")) as st:
                 n_stack, header_ps = len(st), st.header.pixel_size
-            ps = read_particle_params(Path(a["params"]).absolute(), a.get("pixel_size"), n_stack)
+            ps = read_particle_params(Path(a["params"]).absolute(), a.get("pixel_size"), n_stack,
+                                      (a["voltage"], a["cs"], a["amplitude_contrast"]))
             check_header_pixel_size(Path(stack_path), header_ps, float(ps.optics[0].pixel_size))
-            for o in ps.optics:
-                if a.get("pixel_size") is None:
-                    continue
-                o.voltage, o.cs, o.amplitude_contrast = a["voltage"], a["cs"], a["amplitude_contrast"]
             name = f"reconstruction_{ctx.job_id}_1.mrc"
             todo.append((stack_path, ps, name, f"Reconstruction #{ctx.job_id} - Class #1",
                          {"kind": "reconstruction", "run_number": ctx.job_id, "class_number": 1}))

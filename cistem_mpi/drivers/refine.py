@@ -38,6 +38,8 @@ AUTO_MIN_IMPROVEMENT = 0.01
 #: Classification from random occupancies: rounds at a low resolution limit (Å) first.
 CLASSIFY_LOW_RES_ROUNDS = 3
 CLASSIFY_START_RESOLUTION = 20.0
+#: ... and the particles' median orientation change is below this (degrees).
+AUTO_MAX_TURN = 0.25
 #: With several classes it stops when fewer particles than this fraction change class.
 AUTO_MIN_CLASS_CHANGE = 0.01
 
@@ -178,8 +180,10 @@ def _job(ctx: JobContext) -> dict:
         if ctx.is_controller:
             assert out is not None
             before = _best_class(state["class_params"])
+            old_params = state["class_params"]
             state["class_params"], _ = out
             moved = float(np.mean(_best_class(state["class_params"]) != before))
+            turned = float(np.median(rf.angular_change(old_params[0], state["class_params"][0])))
         state = world.bcast(state)
         recs = _reconstruct_classes(ctx, state, settings)
         stop = False
@@ -197,7 +201,10 @@ def _job(ctx: JobContext) -> dict:
                 ctx.log.info("round %d: %.1f%% of particles changed class", r, 100 * moved)
                 stop = auto and r >= 2 and moved < AUTO_MIN_CLASS_CHANGE
             else:
-                stop = auto and (prev - res) / prev < AUTO_MIN_IMPROVEMENT
+                # done when the map stops improving and the particles stop turning (near Nyquist the
+                # resolution saturates while the orientations still get better)
+                ctx.log.info("round %d: median orientation change %.2f°", r, turned)
+                stop = auto and (prev - res) / prev < AUTO_MIN_IMPROVEMENT and turned < AUTO_MAX_TURN
             state["stopped"] = bool(stop)
             rounds.append({"round": r, "kind": plan["kind"], "params": [p.copy() for p in state["class_params"]],
                            "recs": recs})

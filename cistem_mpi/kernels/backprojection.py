@@ -59,7 +59,13 @@ def new_accumulators(padded: int, z_range: tuple[int, int] | None = None) -> tup
 
 
 def slab_bounds(padded: int, n_parts: int) -> list[tuple[int, int]]:
-    """Split the P kz-rows into ``n_parts`` contiguous slabs (sizes differ by <= 1)."""
+    """Split the P kz-rows into ``n_parts`` contiguous slabs (sizes differ by <= 1).
+
+    The first ``P % n_parts`` slabs get one row more; with more parts than
+    rows the last slabs are empty.
+    """
+    if padded < 0 or n_parts < 1:
+        raise ValueError("need padded >= 0 and n_parts >= 1")
     base, extra = divmod(padded, n_parts)
     out, z = [], 0
     for i in range(n_parts):

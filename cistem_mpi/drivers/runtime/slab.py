@@ -23,24 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cistem_mpi.drivers.runtime.world import World, _real_view
-
-
-def slab_bounds(n_z: int, size: int) -> list[tuple[int, int]]:
-    """Split ``n_z`` planes into ``size`` contiguous slabs as evenly as possible.
-
-    The first ``n_z % size`` slabs get one plane more; with more ranks than
-    planes the last slabs are empty.
-    """
-    if n_z < 0 or size < 1:
-        raise ValueError("need n_z >= 0 and size >= 1")
-    base, extra = divmod(n_z, size)
-    out = []
-    z = 0
-    for r in range(size):
-        n = base + (1 if r < extra else 0)
-        out.append((z, z + n))
-        z += n
-    return out
+from cistem_mpi.kernels.backprojection import slab_bounds  # one split for insertion and reduction
 
 
 @dataclass
