@@ -206,7 +206,7 @@ def _simulate_set(vols: list[np.ndarray], out_dir: str | Path, n_particles: int,
         classes = np.zeros(n_particles, dtype=np.int32)
     else:
         classes = rng.choice(len(vols), size=n_particles, p=np.asarray(class_fraction) / np.sum(class_fraction)).astype(np.int32)
-    vfts = [prepare_volume_ft(v, 2.0, "linear") for v in vols]
+    vfts = [prepare_volume_ft(v, 2.0, "cubic") for v in vols]
 
     def clean_batch(s0: int, s1: int) -> np.ndarray:
         imgs = np.empty((s1 - s0, box, box), dtype=np.float32)
