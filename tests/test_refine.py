@@ -337,4 +337,5 @@ def test_two_conformations_classified_with_and_without_focus(tmp_path):
     plain = _classify(tmp_path / "plain", sim, ps, box, focus=False)
     focused = _classify(tmp_path / "focus", sim, ps, box, focus=True)
     assert plain >= 0.9, plain
+    # "at least as well": both are near 99.5% here; allow the noise of 4 of 400 particles
     assert focused >= plain - 0.01, (focused, plain)
