@@ -339,3 +339,33 @@ def test_two_conformations_classified_with_and_without_focus(tmp_path):
     assert plain >= 0.9, plain
     # "at least as well": both are near 99.5% here; allow the noise of 4 of 400 particles
     assert focused >= plain - 0.01, (focused, plain)
+
+
+@pytest.mark.parametrize("case", ["box", "pixel_size", "classes"])
+def test_bad_refine_input_is_refused_and_changes_nothing(perturbed_project, tmp_path, case):
+    from cistem_mpi.io.mrc import write_mrc
+
+    sim, root, ps = perturbed_project
+    proj = tmp_path / "p"
+    shutil.copytree(root, proj)
+    Project.open(proj).close()  # record the copy's location first
+    ref = tmp_path / "ref.mrc"
+    args = ["--reference", str(ref)]
+    if case == "box":
+        write_mrc(ref, np.zeros((32, 32, 32), np.float32), ps)
+        expect = "box"
+    elif case == "pixel_size":
+        write_mrc(ref, np.zeros((64, 64, 64), np.float32), 3.1)
+        expect = "pixel size"
+    else:
+        write_mrc(ref, np.zeros((64, 64, 64), np.float32), ps)
+        args += ["--classes", "2"]
+        expect = "one reference per class"
+    with Project.open(proj, readonly=True) as p:
+        before = list(p.conn.iterdump())
+    r = subprocess.run(CLI + ["manual-refine", "-p", str(proj)] + args, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    with Project.open(proj, readonly=True) as p:
+        assert list(p.conn.iterdump()) == before

@@ -254,9 +254,13 @@ def _initial_state(ctx: JobContext, auto: bool) -> dict[str, Any]:
     if a.get("reference"):
         if len(a["reference"]) != n_classes:
             raise InputError("--reference", f"give one reference per class ({n_classes})")
+        from cistem_mpi.drivers.import_assets import check_header_pixel_size
+        from cistem_mpi.io.mrc import read_mrc_header
+
         references = []
         for path in a["reference"]:
-            vol, vps = read_mrc(path, pixel_size=ref["optics"].pixel_size)
+            check_header_pixel_size(Path(path), read_mrc_header(path).pixel_size, ref["optics"].pixel_size)
+            vol, _ = read_mrc(path, pixel_size=ref["optics"].pixel_size)
             references.append(vol)
     from cistem_mpi.io.mrc import open_stack
 
