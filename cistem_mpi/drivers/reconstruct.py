@@ -132,8 +132,13 @@ def reconstruct_particles(
                progress=progress, keep=False)
     worker.close()
     # Sum over ranks; each rank keeps its z-slab of the sum (memory: accumulators + one slab).
-    slabs = [reduce_scatter_z(world, a) for a in (d1, w1, d2, w2)]
+    # Each accumulator is dropped as soon as its slab exists, so the peak stays near one set.
+    acc = [d1, w1, d2, w2]
     del d1, w1, d2, w2
+    slabs = []
+    for i in range(4):
+        slabs.append(reduce_scatter_z(world, acc[i]))
+        acc[i] = None
     z0 = slabs[0].z0
     s_d1, s_w1, s_d2, s_w2 = (s.data for s in slabs)
     shells = n // 2 + 1
@@ -148,11 +153,15 @@ def reconstruct_particles(
             continue
         fsc = rec.fsc_from_sums(sums)
         reg_half, reg_full = rec.wiener_regularisers(sums, fsc)
-    v1 = rec.normalise_slab(s_d1, s_w1, z0, p, n, reg_half)
-    v2 = rec.normalise_slab(s_d2, s_w2, z0, p, n, reg_half)
-    vf = rec.normalise_slab(s_d1 + s_d2, s_w1 + s_w2, z0, p, n, reg_full)
     full_shape = slabs[0].full_shape
-    g1, g2, gf = (gather_z(world, v, full_shape) for v in (v1, v2, vf))
+    del slabs
+    g1 = gather_z(world, rec.normalise_slab(s_d1, s_w1, z0, p, n, reg_half), full_shape)
+    g2 = gather_z(world, rec.normalise_slab(s_d2, s_w2, z0, p, n, reg_half), full_shape)
+    s_d1 += s_d2  # the full map's sums, in place: no more copies of the slab
+    s_w1 += s_w2
+    del s_d2, s_w2
+    gf = gather_z(world, rec.normalise_slab(s_d1, s_w1, z0, p, n, reg_full), full_shape)
+    del s_d1, s_w1
     if not world.is_controller:
         return None
     return _finish(plan, settings, g1, g2, gf, fourier_fsc=fsc)
@@ -244,9 +253,11 @@ class _Inserter:
         return [1] * (stop - start)
 
     def close(self) -> None:
+        """Close the stack and let go of the accumulators (the caller owns them)."""
         if self.stack is not None:
             self.stack.close()
             self.stack = None
+        self.acc = ()
 
 
 def _finish(plan: dict[str, Any], settings: ReconstructionSettings, g1: np.ndarray, g2: np.ndarray,
