@@ -18,3 +18,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A new, empty project directory."""
+    from cistem_mpi.db.project import Project
+
+    root = tmp_path / "proj"
+    Project.create(root).close()
+    return root

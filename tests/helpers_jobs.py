@@ -14,6 +14,14 @@ def job_args(project: Path, **extra) -> argparse.Namespace:
     return argparse.Namespace(project=str(project), keep_scratch=False, resume=None, **extra)
 
 
+def db_dump(root: Path) -> list[str]:
+    """The project database as SQL text (to prove a command changed nothing)."""
+    from cistem_mpi.db.project import Project
+
+    with Project.open(root, readonly=True) as p:
+        return list(p.conn.iterdump())
+
+
 def positions_body(n_positions: int, image_path: str):
     """A job body registering one image and ``n_positions`` particle positions."""
 

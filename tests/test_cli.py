@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cistem_mpi.db.project import Project
+from helpers_jobs import db_dump
 
 CLI = [sys.executable, "-m", "cistem_mpi"]
 
@@ -33,18 +34,6 @@ def test_not_a_project():
     assert r.returncode == 2 and _error_lines(r) == ["error: /nonexistent/place: project directory not found"]
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
-    root = tmp_path / "proj"
-    Project.create(root).close()
-    return root
-
-
-def _dump(root: Path) -> list[str]:
-    with Project.open(root, readonly=True) as p:
-        return list(p.conn.iterdump())
-
-
 def test_bad_imports_leave_the_project_as_it_was(project, tmp_path):
     truncated = tmp_path / "trunc.mrc"
     import mrcfile
@@ -61,14 +50,14 @@ def test_bad_imports_leave_the_project_as_it_was(project, tmp_path):
         (["import", "particles", "-p", str(project), str(truncated), "--params", str(bad_par), "--pixel-size", "1"],
          "trunc.mrc"),
     ]
-    before = _dump(project)
+    before = db_dump(project)
     for args, name in cases:
         r = _run(*args)
         assert r.returncode == 2, (args, r.stderr)
         lines = _error_lines(r)
         assert len(lines) == 1 and name in lines[0], r.stderr
         assert "Traceback" not in r.stderr
-        assert _dump(project) == before
+        assert db_dump(project) == before
     assert not (project / "Logs").exists()
 
 

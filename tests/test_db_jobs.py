@@ -16,21 +16,9 @@ from cistem_mpi.db import naming
 from cistem_mpi.db.project import Project
 from cistem_mpi.drivers.jobrun import run_job
 from cistem_mpi.errors import InputError, JobFailed
-from helpers_jobs import job_args, positions_body
+from helpers_jobs import db_dump, job_args, positions_body
 
 HELPER = Path(__file__).with_name("helpers_jobs.py")
-
-
-@pytest.fixture
-def project(tmp_path) -> Path:
-    root = tmp_path / "proj"
-    Project.create(root).close()
-    return root
-
-
-def _dump(root: Path) -> list[str]:
-    with Project.open(root, readonly=True) as p:
-        return list(p.conn.iterdump())
 
 
 def test_finished_job_registers_everything_with_its_record(project):
@@ -58,14 +46,14 @@ def test_failed_job_registers_nothing_and_records_error(project):
 
 
 def test_bad_input_leaves_database_unchanged(project):
-    before = _dump(project)
+    before = db_dump(project)
 
     def body(ctx):
         raise InputError("/data/stack.mrcs", "file is truncated")
 
     with pytest.raises(InputError):
         run_job(job_args(project), "import", body)
-    assert _dump(project) == before
+    assert db_dump(project) == before
     assert not (project / "Logs").exists()
     assert list((project / "Scratch").rglob("job_*")) == []
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cistem_mpi.db.project import Project
+from helpers_jobs import db_dump
 from cistem_mpi.drivers.reconstruct import ReconstructionSettings, reconstruct_particles
 from cistem_mpi.drivers.runtime import get_world
 from cistem_mpi.drivers.simulate import simulate_particles
@@ -139,11 +140,6 @@ def test_same_map_from_1_2_3_ranks(imported, tmp_path):
         assert np.abs(maps[n] - maps[1]).max() <= 1e-4 * scale
 
 
-def _dump(root: Path) -> list[str]:
-    with Project.open(root, readonly=True) as p:
-        return list(p.conn.iterdump())
-
-
 @pytest.mark.parametrize("case", ["particle_not_in_stack", "pixel_size_mismatch", "zero_particles", "nan"])
 def test_bad_input_clear_error_nothing_registered(imported, tmp_path, case):
     from cistem_mpi.io.par import read_par, write_par
@@ -166,12 +162,12 @@ def test_bad_input_clear_error_nothing_registered(imported, tmp_path, case):
         expect = "NaN"
     bad = tmp_path / "bad.par"
     write_par(bad, params)
-    before = _dump(proj)
+    before = db_dump(proj)
     r = subprocess.run(CLI + ["reconstruct", "-p", str(proj), "--stack", str(sim.stack), "--params", str(bad)] + args,
                        capture_output=True, text=True)
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expect.lower() in lines[0].lower(), r.stderr
     assert "Traceback" not in r.stderr
-    assert _dump(proj) == before
+    assert db_dump(proj) == before
     assert not any((proj / "Assets/Volumes").glob("reconstruction_*"))

@@ -26,6 +26,7 @@ from cistem_mpi.kernels import alignment as al
 from cistem_mpi.kernels import refinement as rf
 from cistem_mpi.kernels.euler import angular_distance, rotation_matrix
 from cistem_mpi.kernels.projection import prepare_volume_ft
+from helpers_jobs import db_dump
 
 CLI = [sys.executable, "-m", "cistem_mpi"]
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
@@ -361,11 +362,9 @@ def test_bad_refine_input_is_refused_and_changes_nothing(perturbed_project, tmp_
         write_mrc(ref, np.zeros((64, 64, 64), np.float32), ps)
         args += ["--classes", "2"]
         expect = "one reference per class"
-    with Project.open(proj, readonly=True) as p:
-        before = list(p.conn.iterdump())
+    before = db_dump(proj)
     r = subprocess.run(CLI + ["manual-refine", "-p", str(proj)] + args, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expect in lines[0], r.stderr
-    with Project.open(proj, readonly=True) as p:
-        assert list(p.conn.iterdump()) == before
+    assert db_dump(proj) == before
