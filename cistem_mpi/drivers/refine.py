@@ -97,11 +97,13 @@ def align_round(world: World, plan: dict[str, Any] | None, references: list[np.n
         if "stack" not in state:
             state["stack"] = open_stack(plan["stack"], pixel_size=plan["pixel_size"])
         rows = plan["params"][start:stop]
+        per_class = [cp[start:stop] for cp in plan["class_params"]]
         out = []
-        for row in rows:
+        for i, row in enumerate(rows):
             img = state["stack"][int(row["position"]) - 1]
             out.append(rf.align_particle(img, row, plan["pixel_size"], plan["optics"], vfts, band, s,
-                                         grid=grid, search_band=search_band))
+                                         grid=grid, search_band=search_band,
+                                         class_rows=[cr[i] for cr in per_class]))
         return out
 
     results = map_chunks(world, len(plan["params"]), chunk, min_chunk=1, max_chunk=16, progress=progress)

@@ -76,6 +76,7 @@ def align_particle(
     settings: AlignSettings,
     grid: np.ndarray | None = None,
     search_band: al.Band | None = None,
+    class_rows: list | None = None,
 ) -> ParticleResult:
     """Align one particle to every class reference.
 
@@ -97,6 +98,9 @@ def align_particle(
         Orientations for a global search (:func:`alignment.orientation_grid`).
     search_band : Band, optional
         Coarser band for the global search (default ``band``).
+    class_rows : list of structured scalars, optional
+        The particle's current parameters in each class: each class's local
+        search starts from its own angles and shifts (default ``row`` for all).
     """
     n = image.shape[0]
     voltage, cs, ac = optics
@@ -106,10 +110,11 @@ def align_particle(
     ctf = ctf_2d_stack(n, pixel_size, voltage, cs, ac, np.array([df1]), np.array([df2]),
                        np.array([row["angast"]]), np.array([row["pshift"]]))[0]
     x_c, c_c = al.crop_ft(f, band.m), al.crop_ft(ctf, band.m)
-    start = al.Alignment(float(row["phi"]), float(row["theta"]), float(row["psi"]),
-                         float(row["shx"]) / pixel_size, float(row["shy"]) / pixel_size, 0.0)
+    starts = [al.Alignment(float(r["phi"]), float(r["theta"]), float(r["psi"]),
+                           float(r["shx"]) / pixel_size, float(r["shy"]) / pixel_size, 0.0)
+              for r in (class_rows or [row] * len(references))]
     results: list[al.Alignment] = []
-    for vft in references:
+    for vft, start in zip(references, starts):
         if settings.global_search:
             sb = search_band or band
             assert grid is not None
