@@ -22,10 +22,13 @@ def db_dump(root: Path) -> list[str]:
         return list(p.conn.iterdump())
 
 
-def positions_body(n_positions: int, image_path: str):
+def positions_body(n_positions: int, image_path: str, announce: bool = False):
     """A job body registering one image and ``n_positions`` particle positions."""
 
     def body(ctx: JobContext) -> dict:
+        if announce:
+            # the job record exists from here on; the lifecycle test times its kills from this line
+            print("body", flush=True)
         if ctx.is_controller:
             img = ctx.register("images", path=image_path, name="img", nx=64, ny=64, pixel_size=1.0, voltage=300.0,
                                cs=2.7, amplitude_contrast=0.07)
@@ -39,4 +42,4 @@ def positions_body(n_positions: int, image_path: str):
 if __name__ == "__main__":
     # python tests/helpers_jobs.py PROJECT N IMAGE  -> one positions job
     project, n, image = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    raise SystemExit(run_job(job_args(Path(project)), "find_particles", positions_body(n, image)))
+    raise SystemExit(run_job(job_args(Path(project)), "find_particles", positions_body(n, image, announce=True)))
