@@ -3,6 +3,10 @@
 Each module in :mod:`cistem_mpi.drivers` that defines ``register(subparsers)``
 adds its own sub-command(s); this module only finds them, parses the command
 line and turns errors into one line and an exit code.
+
+Only the driver of the command being run is imported (see ``COMMAND_MODULES``):
+the numerical drivers pull in numba, scipy and pandas, which costs most of a
+second on every rank and makes ``status`` from another shell feel slow.
 """
 
 from __future__ import annotations
@@ -25,8 +29,41 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the parser with every driver's sub-commands."""
+# command -> the driver module that registers it; a test checks this against the drivers
+COMMAND_MODULES: dict[str, str] = {
+    "auto-refine": "refine",
+    "convert": "convert",
+    "demo": "demo",
+    "import": "import_assets",
+    "manual-refine": "refine",
+    "mpi-check": "mpi_check",
+    "package": "package",
+    "project": "project",
+    "reconstruct": "reconstruct",
+    "simulate": "simulate",
+    "status": "status",
+}
+
+
+def _driver_modules(command: str | None) -> list[str]:
+    """The driver modules to import: the command's own, or all of them (help, unknown command)."""
+    if command in COMMAND_MODULES:
+        return [COMMAND_MODULES[command]]
+    import cistem_mpi.drivers as drivers
+
+    return sorted(m.name for m in pkgutil.iter_modules(drivers.__path__) if not m.name.startswith("_"))
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The sub-command named on the command line (the first word that is not an option)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Build the parser with ``command``'s sub-commands, or every driver's when None."""
     parser = _Parser(
         prog="cistem-mpi",
         description="cisTEM's single-particle pipeline as an MPI job (rank 0 controls, ranks 1.. work).",
@@ -35,12 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="<job>", parser_class=_Parser)
     sub.required = True
-    import cistem_mpi.drivers as drivers
-
-    for mod in sorted(pkgutil.iter_modules(drivers.__path__), key=lambda m: m.name):
-        if mod.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"cistem_mpi.drivers.{mod.name}")
+    for name in _driver_modules(command):
+        module = importlib.import_module(f"cistem_mpi.drivers.{name}")
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
@@ -52,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
-        parser = build_parser()
+        parser = build_parser(_command_in(argv))
         args = parser.parse_args(argv)
         rc = args.func(args)
         return int(rc or 0)

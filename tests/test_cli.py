@@ -74,3 +74,27 @@ def test_import_volume_registers_an_imported_map(project, shared_data):
         v = p.conn.execute("SELECT * FROM volumes").fetchone()
         assert v["path"] == str(src) and v["kind"] == "imported"  # imported: absolute path kept
         assert (v["box"], round(v["pixel_size"], 2)) == (100, 3.54)
+
+
+def test_command_table_names_every_drivers_commands():
+    """``COMMAND_MODULES`` (which lets a command import only its own driver) matches the drivers."""
+    import importlib
+
+    from cistem_mpi import cli
+
+    full = cli.build_parser()
+    commands = full._subparsers._group_actions[0].choices  # the sub-command table argparse built
+    assert sorted(commands) == sorted(cli.COMMAND_MODULES)
+    for command, module in cli.COMMAND_MODULES.items():
+        sub = cli._Parser(prog="t").add_subparsers()
+        importlib.import_module(f"cistem_mpi.drivers.{module}").register(sub)
+        assert command in sub.choices, (command, module)
+
+
+def test_status_does_not_import_the_numerical_stack(project):
+    """A light command loads neither numba nor scipy (startup on every rank, status from any shell)."""
+    code = ("import sys; from cistem_mpi.cli import main; rc = main(['status', '-p', sys.argv[1]]); "
+            "print(sorted(m for m in ('numba', 'scipy', 'pandas') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(project)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
