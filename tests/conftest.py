@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real data of other programs lives."""
+"""Shared fixtures: the real data of other programs, a new project, the local Slurm."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+import slurm_setup
 
 REPO = Path(__file__).resolve().parents[1]
 #: Real files written by other programs (read only): ../shared/data beside the checkout.
@@ -28,3 +30,17 @@ def project(tmp_path) -> Path:
     root = tmp_path / "proj"
     Project.create(root).close()
     return root
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A one-node Slurm started for this session (and stopped after it), or skip with the reason."""
+    cluster, reason = slurm_setup.start()
+    if cluster is None:
+        print(f"\nSlurm tests skipped: {reason}")
+        pytest.skip(f"Slurm could not start: {reason}")
+    try:
+        yield cluster
+    finally:
+        out = slurm_setup.stop_prefix(cluster.prefix)
+        print(f"\n{out}")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import slurm_setup
 from runtime_helpers import REPO, jobs, new_project, run
 
 pytestmark = pytest.mark.slurm
@@ -32,19 +31,6 @@ def _cistem_exe() -> str:
     if not found:
         pytest.skip("the cistem-mpi command is not installed (pip install -e .)")
     return found
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    cluster, reason = slurm_setup.start()
-    if cluster is None:
-        print(f"\nSlurm tests skipped: {reason}")
-        pytest.skip(f"Slurm could not start: {reason}")
-    try:
-        yield cluster
-    finally:
-        out = slurm_setup.stop_prefix(cluster.prefix)
-        print(f"\n{out}")
 
 
 @pytest.fixture
