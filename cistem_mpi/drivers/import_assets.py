@@ -1,4 +1,4 @@
-"""``cistem-mpi import``: movies, images, particle stacks with parameters, volumes.
+"""``cistem-mpi import``: movies, images, CTF estimates, particle positions, particle stacks, volumes.
 
 Imported files stay where they are (their absolute paths are recorded, as
 cisTEM does); everything is checked before anything is registered, so a bad
@@ -50,6 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("files", nargs="+")
     optics(i, required=False)
     i.set_defaults(func=lambda a: run_job(a, "import", _import_images))
+
+    c = isub.add_parser("ctf", help="CTF estimates of imported images (RELION micrographs_ctf.star, CTFFIND .txt)")
+    add_job_arguments(c)
+    c.add_argument("files", nargs="+")
+    c.add_argument("--image", help="image (name or id) for a file that names no micrograph (one file only)")
+    c.set_defaults(func=lambda a: run_job(a, "import", _import_ctf))
+
+    q = isub.add_parser("positions",
+                        help="particle positions on imported images (RELION coordinate/particle .star, .box, x y text)")
+    add_job_arguments(q)
+    q.add_argument("files", nargs="+")
+    q.add_argument("--image", help="image (name or id) for a file that names no micrograph (one file only)")
+    q.set_defaults(func=lambda a: run_job(a, "import", _import_positions))
 
     s = isub.add_parser("particles", help="a particle stack with .par/.star parameters -> refinement package")
     add_job_arguments(s)
@@ -143,6 +156,149 @@ def _pixel_size(path: Path, from_file: float | None, from_user: float | None) ->
     if from_file is None or from_file <= 0 or abs(from_file - 1.0) < 1e-6:
         raise InputError(path, "header has no usable pixel size; give --pixel-size")
     return float(from_file)
+
+
+# ------------------------------------------------- CTF estimates and positions
+class ImageIndex:
+    """Find the project's image a CTF or coordinate file speaks of.
+
+    A micrograph named in the file (RELION ``rlnMicrographName``, CTFFIND's
+    input file) matches the image whose name is the file name without its
+    extension (``import images`` names images so).  A file that names no
+    micrograph (a per-micrograph autopick ``.star``, ``.box`` or text file)
+    matches the image whose name is the longest prefix of the file's name
+    followed by ``_``, ``.`` or ``-`` (``mic_0001_autopick.star`` ->
+    ``mic_0001``), or the image given with ``--image``.
+    """
+
+    def __init__(self, conn, forced: str | None = None):
+        self.rows = {int(r["id"]): r for r in conn.execute("SELECT id, name, nx, ny, pixel_size FROM images")}
+        self.by_name: dict[str, list[int]] = {}
+        for i, r in self.rows.items():
+            self.by_name.setdefault(r["name"], []).append(i)
+        self.forced = self._forced(forced) if forced else None
+
+    def _forced(self, key: str):
+        if key.isdigit() and int(key) in self.rows:
+            return self.rows[int(key)]
+        return self._unique(key, "--image") or self._fail("--image", f"no image '{key}' in this project")
+
+    @staticmethod
+    def _fail(where, problem):
+        raise InputError(where, problem)
+
+    def _unique(self, name: str, where):
+        ids = self.by_name.get(name, [])
+        if len(ids) > 1:
+            raise InputError(where, f"{len(ids)} images are named '{name}'; give --image with the image id")
+        return self.rows[ids[0]] if ids else None
+
+    def named(self, micrograph: str, source: Path):
+        """The image for a micrograph named in ``source`` (None if no image has that name)."""
+        name = Path(micrograph.replace("\\", "/")).name
+        stem = name.rsplit(".", 1)[0] if "." in name else name
+        return self._unique(stem, source) or (self._unique(name, source) if stem != name else None)
+
+    def for_file(self, source: Path):
+        """The image of a file that names no micrograph."""
+        if self.forced is not None:
+            return self.forced
+        stem = source.name
+        best = None
+        for name in self.by_name:
+            if stem.startswith(name) and (len(stem) == len(name) or stem[len(name)] in "_.-"):
+                if best is None or len(name) > len(best):
+                    best = name
+        if best is None:
+            raise InputError(source, "names no micrograph and no image name starts its file name; give --image")
+        return self._unique(best, source)
+
+
+def _import_ctf(ctx: JobContext) -> dict:
+    if not ctx.is_controller:
+        return {}
+    from cistem_mpi.io.ctf_estimates import read_ctf_estimates
+
+    a = ctx.args
+    assert ctx.project is not None
+    files = [_existing(f) for f in a["files"]]
+    if a.get("image") and len(files) > 1:
+        raise InputError("--image", "give one file with --image")
+    index = ImageIndex(ctx.project.conn, a.get("image"))
+    imported, skipped = 0, []
+    for n, path in enumerate(files, 1):
+        estimates = read_ctf_estimates(path)
+        matched = 0
+        for est in estimates:
+            img = index.named(est.micrograph, path) if est.micrograph and index.forced is None else None
+            if img is None and (index.forced is not None or not est.micrograph):
+                img = index.for_file(path)
+            if img is None:
+                skipped.append(est.micrograph)
+                continue
+            if not (np.isfinite(est.df1) and np.isfinite(est.df2) and est.df1 > 0 and est.df2 > 0):
+                raise InputError(path, f"defocus of {est.micrograph or img['name']} is not positive: "
+                                       f"{est.df1}, {est.df2} Å")
+            ctx.register("ctf_estimates", image_id=int(img["id"]), df1=float(est.df1), df2=float(est.df2),
+                         angast=float(est.angast), pshift=float(est.pshift),
+                         fit_resolution=_finite_or_none(est.fit_resolution), score=_finite_or_none(est.score))
+            matched += 1
+        if matched == 0:
+            raise InputError(path, "none of its micrographs is an image of this project (import the images first)")
+        imported += matched
+        ctx.progress(n, len(files))
+    if skipped:
+        ctx.log.warning("%d CTF estimate(s) for micrographs that are not images of this project were left out "
+                        "(first: %s)", len(skipped), skipped[0])
+    return {"ctf_estimates": imported, "skipped": len(skipped)}
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def _import_positions(ctx: JobContext) -> dict:
+    if not ctx.is_controller:
+        return {}
+    from cistem_mpi.io.coordinates import read_coordinates
+
+    a = ctx.args
+    assert ctx.project is not None
+    files = [_existing(f) for f in a["files"]]
+    if a.get("image") and len(files) > 1:
+        raise InputError("--image", "give one file with --image")
+    index = ImageIndex(ctx.project.conn, a.get("image"))
+    total, per_image, skipped = 0, {}, []
+    for n, path in enumerate(files, 1):
+        matched = 0
+        for picks in read_coordinates(path):
+            img = index.named(picks.micrograph, path) if picks.micrograph and index.forced is None else None
+            if img is None and (index.forced is not None or not picks.micrograph):
+                img = index.for_file(path)
+            if img is None:
+                skipped.append(picks.micrograph)
+                continue
+            nx, ny, ps = int(img["nx"]), int(img["ny"]), float(img["pixel_size"])
+            outside = (picks.x < 0) | (picks.x > nx - 1) | (picks.y < 0) | (picks.y > ny - 1)
+            if outside.any():
+                k = int(np.argmax(outside))
+                raise InputError(path, f"particle {k + 1} at ({picks.x[k]:.1f}, {picks.y[k]:.1f}) px lies outside "
+                                       f"image {img['name']} ({nx}x{ny}); wrong image or binned coordinates?")
+            # stored in Å from the first pixel, as cisTEM stores positions
+            rows = [(float(x) * ps, float(y) * ps, _finite_or_none(s))
+                    for x, y, s in zip(picks.x, picks.y, picks.score)]
+            ctx.register_many("particle_positions", ("x", "y", "peak"), rows, image_id=int(img["id"]))
+            per_image[img["name"]] = per_image.get(img["name"], 0) + len(rows)
+            total += len(rows)
+            matched += 1
+        if matched == 0:
+            raise InputError(path, "none of its micrographs is an image of this project (import the images first)")
+        ctx.progress(n, len(files))
+    if skipped:
+        ctx.log.warning("positions on %d micrograph(s) that are not images of this project were left out "
+                        "(first: %s)", len(skipped), skipped[0])
+    ctx.log.info("%d particle positions on %d image(s)", total, len(per_image))
+    return {"positions": total, "images": len(per_image), "skipped_micrographs": len(skipped)}
 
 
 # ------------------------------------------------------------------ particles

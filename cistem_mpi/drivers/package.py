@@ -35,6 +35,17 @@ and a set of starting parameters (a ``'start'`` refinement, "Start Params
     neutral ones with orientations uniform on SO(3) (as cisTEM's wizard for a
     new package) -- refine them with ab initio or a global search.
 
+``--from-positions --box B``
+    Particle positions of imported or picked images, cut out of the
+    micrographs into a new stack ``particle_stack_<package>.mrcs`` (see
+    :mod:`cistem_mpi.drivers.extraction`; in parallel over micrographs).
+    ``--positions-job`` / ``--images`` narrow the positions taken.  Each
+    particle gets its image's newest CTF estimate, FILM = the image id, a
+    random orientation (as cisTEM's wizard) and as its shift the sub-pixel
+    part of its position that the box cannot hold (cisTEM drops it).
+    ``refinement_package_members.parent_position`` holds the
+    ``particle_positions`` id for these packages.
+
 ``--from-classification N --select C[,C...]``
     Particles of the selected classes of 2D classification #N (cisTEM: "create
     from 2D class average selection").  The classification's ``params_path``
@@ -100,11 +111,12 @@ __all__ = [
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``package create``."""
-    p = sub.add_parser("package", help="refinement packages (create from a stack, a refinement or 2D classes)")
+    p = sub.add_parser("package", help="refinement packages (from a stack, particle positions, a refinement or 2D classes)")
     psub = p.add_subparsers(dest="package_command", metavar="<action>", required=True)
     c = psub.add_parser(
         "create", help="create a refinement package",
-        description="Create a refinement package from a particle stack, from a refinement of another package "
+        description="Create a refinement package from a particle stack, from particle positions (cut out of the "
+                    "images), from a refinement of another package "
                     "(template: keep, drop and merge its classes) or from selected 2D classes.")
     add_job_arguments(c)
     src = c.add_mutually_exclusive_group(required=True)
@@ -112,6 +124,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="template: refinement run RUN of an existing package (its per-class parameters)")
     src.add_argument("--from-stack", type=int, metavar="ID", help="particle stack ID (all particles)")
     src.add_argument("--from-classification", type=int, metavar="N", help="2D classification #N (with --select)")
+    src.add_argument("--from-positions", action="store_true",
+                     help="cut particles out of the images at their particle positions (with --box)")
+    c.add_argument("--box", type=int, metavar="PX", help="box size in pixels (--from-positions)")
+    c.add_argument("--positions-job", type=int, action="append", metavar="JOB",
+                   help="only positions registered by this job (repeat; --from-positions)")
+    c.add_argument("--images", metavar="NAME[,NAME...]", help="only positions on these images (names or ids)")
+    c.add_argument("--protein-is-white", action="store_true",
+                   help="invert the cut particles (negative stain, inverted micrographs; --from-positions)")
     c.add_argument("--classes", type=int, metavar="K",
                    help="number of classes for 3D refinement (default: 1; with a template: the number of kept "
                         "classes, or the highest NEW in --map)")
@@ -379,8 +399,8 @@ def copy_particles(src: Path, positions: np.ndarray, dst: Path, pixel_size: floa
 class _Source:
     """A resolved source: particle rows, their classes' parameters, the stack they live in."""
 
-    stack_row: Any  # sqlite3.Row of particle_stacks
-    stack_path: Path
+    stack_row: Any  # sqlite3.Row of particle_stacks (None: the stack is cut from micrographs)
+    stack_path: Path | None
     optics: Optics
     params: list[np.ndarray]  # per new class, positions = positions in the source stack
     new_class: np.ndarray
@@ -389,6 +409,11 @@ class _Source:
     parent_refinement: int | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # symmetry, weight, dimension of a template
     summary: dict[str, Any] = field(default_factory=dict)
+    extraction: Any = None  # ExtractionPlan when the stack is cut from micrographs
+
+    @property
+    def box(self) -> int:
+        return int(self.extraction.box) if self.extraction is not None else int(self.stack_row["box"])
 
 
 def _reject_options(a: dict[str, Any], source: str, *names: str) -> None:
@@ -602,6 +627,29 @@ def _from_classification(ctx: JobContext, a: dict[str, Any], rng: np.random.Gene
                    summary={"classification": number, "selected": select, "per_2d_class": per_class})
 
 
+def _from_positions(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator | None) -> _Source:
+    from cistem_mpi.drivers.extraction import plan_extraction
+
+    _reject_options(a, "--from-positions", "--keep", "--map", "--select")
+    if not a.get("box"):
+        raise InputError("--box", "give the box size in pixels for --from-positions")
+    assert ctx.project is not None
+    images = [s.strip() for s in a["images"].split(",") if s.strip()] if a.get("images") else None
+    plan = plan_extraction(ctx.project, int(a["box"]), a.get("positions_job"), images, a.get("protein_is_white"))
+    base = empty_params(plan.n)
+    base["position"] = np.arange(1, plan.n + 1)
+    base["film"] = plan.film
+    base["df1"], base["df2"], base["angast"], base["pshift"] = plan.ctf.T
+    params = _fresh_params(base, _n_classes(a), np.random.default_rng(a.get("seed", 1)), rng)
+    for p in params:
+        # the particle sits at +d px from its box centre: a cisTEM shift of +d * pixel size
+        p["shx"] = plan.shift_px[:, 0] * plan.optics.pixel_size
+        p["shy"] = plan.shift_px[:, 1] * plan.optics.pixel_size
+    return _Source(stack_row=None, stack_path=None, optics=plan.optics, params=params,
+                   new_class=best_class(np.stack([p["occ"] for p in params])) + 1, subset=True,
+                   summary=plan.summary, extraction=plan)
+
+
 def _metadata(a: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     from cistem_mpi.kernels.symmetry import parse_symmetry
 
@@ -630,7 +678,11 @@ def _free_stack_name(directory: Path, number: int) -> Path:
 
 def _create(ctx: JobContext) -> dict:
     if not ctx.is_controller:
-        return {}  # a bookkeeping job: rank 0 does it all
+        if ctx.args.get("from_positions"):  # workers cut micrographs; everything else is rank 0's
+            from cistem_mpi.drivers.extraction import extract_stack
+
+            extract_stack(ctx.world, None, None)
+        return {}
     from cistem_mpi.io.par import write_par
     from cistem_mpi.io.param_store import write_params_h5
     from cistem_mpi.io.star import write_cistem_star
@@ -643,16 +695,19 @@ def _create(ctx: JobContext) -> dict:
         src = _from_refinement(ctx, a, rng)
     elif a.get("from_stack") is not None:
         src = _from_stack(ctx, a, rng)
+    elif a.get("from_positions"):
+        src = _from_positions(ctx, a, rng)
     else:
         src = _from_classification(ctx, a, rng)
     meta = _metadata(a, src.defaults)
     n = len(src.params[0])
     n_new = len(src.params)
-    parent_positions = src.params[0]["position"].astype(np.int64)
+    parent_positions = (src.extraction.position_ids if src.extraction is not None
+                        else src.params[0]["position"].astype(np.int64))
     package_number = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM refinement_packages").fetchone()[0])
     run = naming.next_refinement_run(conn)
     name = a.get("name") or f"Refinement Package #{package_number}"
-    box = int(src.stack_row["box"])
+    box = src.box
 
     # ---- everything is checked: write files (removed again if anything fails)
     written: list[Path] = []
@@ -663,8 +718,14 @@ def _create(ctx: JobContext) -> dict:
             stack_path = _free_stack_name(stack_dir, package_number)
             part = stack_path.with_name(stack_path.name + ".part")
             written.append(part)
-            copy_particles(src.stack_path, parent_positions, part, src.optics.pixel_size,
-                           progress=lambda d, t: ctx.progress(d, t + 1, "copying particles"))
+            if src.extraction is not None:
+                from cistem_mpi.drivers.extraction import extract_stack
+
+                extract_stack(ctx.world, src.extraction, part,
+                              progress=lambda d, t: ctx.progress(d, t + 1, "cutting particles"))
+            else:
+                copy_particles(src.stack_path, parent_positions, part, src.optics.pixel_size,
+                               progress=lambda d, t: ctx.progress(d, t + 1, "copying particles"))
             os.replace(part, stack_path)
             written[-1] = stack_path
             new_positions = np.arange(1, n + 1, dtype=np.int32)

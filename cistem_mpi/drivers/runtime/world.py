@@ -51,6 +51,8 @@ from cistem_mpi.errors import CistemError, InputError, JobFailed
 # Control tags (fixed) and the base of per-operation tags (see World.next_tag).
 TAG_ERROR = 11
 TAG_STOP = 12
+#: Payload of ``TAG_STOP`` when rank 0 stops the job because of bad input.
+STOP_BAD_INPUT = "bad-input"
 TAG_ACK = 13
 TAG_BYE = 14
 _TAG_OP_BASE = 1000
@@ -72,9 +74,21 @@ WORKER_WAIT = _env_float("CISTEM_MPI_WORKER_WAIT", 60.0)
 
 
 class Stopped(JobFailed):
-    """Raised on a worker told by rank 0 to stop (a failure happened elsewhere)."""
+    """Raised on a worker told by rank 0 to stop (a failure happened elsewhere).
+
+    When rank 0 stopped the job for bad input (an :class:`InputError`, which
+    rank 0 reports in one line), the worker exits with the same code 2 and
+    says nothing: the user should see one error, not one per rank.
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        if reason == STOP_BAD_INPUT:
+            self.exit_code = InputError.exit_code
+            self.quiet = True
 
 
 class Terminated(CistemError):
@@ -281,8 +295,8 @@ class World:
         else:
             msg = self.comm.improbe(0, TAG_STOP)
             if msg is not None:
-                msg.recv()
-                raise Stopped(f"rank {self.rank}: stopped by rank 0 after a failure")
+                reason = msg.recv()
+                raise Stopped(f"rank {self.rank}: stopped by rank 0 after a failure", reason)
 
     def wait(self, req: Any) -> Any:
         """Wait for an MPI request, checking for failures meanwhile.
@@ -453,7 +467,8 @@ class World:
         pending = set(range(1, self.size)) - self._finished
         sends = []
         if not self._stop_sent:
-            sends = [comm.isend(None, dest=r, tag=TAG_STOP) for r in sorted(pending)]
+            reason = STOP_BAD_INPUT if isinstance(exc, InputError) else None
+            sends = [comm.isend(reason, dest=r, tag=TAG_STOP) for r in sorted(pending)]
             self._stop_sent = True
         st = MPI.Status()
         # After SIGTERM (scancel, time limit) the launcher kills every rank soon: record quickly.
