@@ -305,3 +305,26 @@ def test_truncated_and_bad_files(tmp_path):
     m7.write_bytes(bytes(raw_mode))
     with pytest.raises(InputError, match="mode7.mrc"):
         read_mrc(m7)
+
+
+def test_stack_writer_blocks_out_of_order_give_the_stack_and_its_statistics(tmp_path):
+    import mrcfile
+
+    from cistem_mpi.io.mrc import MrcStackWriter
+
+    rng = np.random.default_rng(4)
+    data = (rng.normal(size=(7, 12, 10)) * 3 + 1).astype(np.float32)
+    path = tmp_path / "blocks.mrcs"
+    with MrcStackWriter(path, (12, 10), 7, 1.5) as w:
+        w.write_block(4, data[4:])  # the order workers' results arrive in
+        w.write_block(0, data[:4])
+        assert w.complete
+    with mrcfile.open(path) as m:
+        np.testing.assert_array_equal(m.data, data)
+        h = m.header
+        assert float(h.dmin) == data.min() and float(h.dmax) == data.max()
+        assert float(h.dmean) == pytest.approx(data.astype(np.float64).mean(), rel=1e-6)
+        assert float(h.rms) == pytest.approx(data.astype(np.float64).std(), rel=1e-6)
+    with pytest.raises(IndexError):
+        with MrcStackWriter(tmp_path / "x.mrcs", (12, 10), 3, 1.0) as w:
+            w.write_block(2, data[:2])

@@ -154,12 +154,16 @@ def plan_extraction(project, box: int, jobs: list[int] | None = None, images: li
                                    "protein_is_white": bool(invert)})
 
 
-def cut_micrograph(path: str, x0: np.ndarray, y0: np.ndarray, box: int, invert: bool) -> np.ndarray:
-    """Read one micrograph and return its normalised boxes, (n, box, box) float32."""
+def cut_micrograph(path: str, x0: np.ndarray, y0: np.ndarray, box: int, invert: bool,
+                   pixel_size: float | None = None) -> np.ndarray:
+    """Read one micrograph and return its normalised boxes, (n, box, box) float32.
+
+    ``pixel_size`` is the image's (from the database), so a header without one does not warn.
+    """
     from cistem_mpi.io.mrc import read_mrc
     from cistem_mpi.kernels.extraction import cut_boxes, edge_mean, normalise_boxes, replace_outliers
 
-    data, _ = read_mrc(path)
+    data, _ = read_mrc(path, pixel_size=pixel_size)
     img = data[0] if data.ndim == 3 else data
     img = replace_outliers(img, 6.0)
     boxes = normalise_boxes(cut_boxes(img, x0, y0, box, edge_mean(img)))
@@ -180,12 +184,12 @@ def extract_stack(world: World, plan: ExtractionPlan | None, dst: Path | None,
     items = None
     if world.is_controller:
         assert plan is not None and dst is not None
-        items = [(m.path, m.x0, m.y0, plan.box, plan.invert) for m in plan.micrographs]
+        items = [(m.path, m.x0, m.y0, plan.box, plan.invert, plan.optics.pixel_size) for m in plan.micrographs]
 
     def chunk(start: int, stop: int, data: Any) -> list[np.ndarray]:
         out = []
-        for path, x0, y0, box, invert in data:
-            out.append(cut_micrograph(path, x0, y0, box, invert))
+        for path, x0, y0, box, invert, pixel_size in data:
+            out.append(cut_micrograph(path, x0, y0, box, invert, pixel_size))
             world.check()
         return out
 
@@ -197,8 +201,7 @@ def extract_stack(world: World, plan: ExtractionPlan | None, dst: Path | None,
         def write(start: int, results: list[np.ndarray]) -> None:
             for k, boxes in enumerate(results):
                 m = plan.micrographs[start + k]
-                for j, b in enumerate(boxes):
-                    out.write(m.start + j, b)
+                out.write_block(m.start, boxes)
 
         map_chunks(world, len(items), chunk, payload=lambda s, e: items[s:e], min_chunk=1, max_chunk=8,
                    progress=progress, on_result=write, keep=False)

@@ -620,6 +620,33 @@ class MrcStackWriter:
         self._max = max(self._max, float(v.max()))
         self._next = max(self._next, i + 1)
 
+    def write_block(self, i0: int, images: np.ndarray) -> None:
+        """Store ``images`` (n, ny, nx) as images ``i0 .. i0 + n - 1`` in one copy."""
+        if self._mrc is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        block = np.asarray(images)
+        n = len(block)
+        if block.ndim != 3 or block.shape[1:] != self.shape_yx:
+            raise ValueError(f"{self.path}: block has shape {block.shape}, expected (n, {self.shape_yx[0]}, "
+                             f"{self.shape_yx[1]})")
+        if not (0 <= i0 and i0 + n <= self.n):
+            raise IndexError(f"{self.path}: images {i0}..{i0 + n - 1} out of range (stack has {self.n})")
+        if n == 0:
+            return
+        stored = block.astype(self.dtype, copy=False)
+        self._mrc.data[i0:i0 + n] = stored
+        if self._written[i0:i0 + n].any():
+            self._rewritten = True
+        self._written[i0:i0 + n] = True
+        flat = stored.reshape(-1)
+        # float64 accumulation without a float64 copy of the block
+        self._sum += float(np.sum(flat, dtype=np.float64))
+        self._sumsq += float(np.dot(flat.astype(np.float64, copy=False), flat.astype(np.float64, copy=False))
+                             if flat.dtype == np.float64 else np.einsum("i,i->", flat, flat, dtype=np.float64))
+        self._min = min(self._min, float(flat.min()))
+        self._max = max(self._max, float(flat.max()))
+        self._next = max(self._next, i0 + n)
+
     def append(self, image: np.ndarray) -> int:
         """Store ``image`` after the last one written; return its index."""
         i = self._next

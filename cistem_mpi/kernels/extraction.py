@@ -12,9 +12,38 @@ particle sits at ``+d`` from the box centre, which is a cisTEM shift of
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 __all__ = ["edge_mean", "replace_outliers", "box_corners", "cut_boxes", "normalise_boxes"]
+
+
+@numba.njit(cache=True, nogil=True)
+def _moments(flat: np.ndarray) -> tuple[float, float]:
+    """Sum and sum of squares in float64, one pass, no float64 copy of the data."""
+    s = 0.0
+    ss = 0.0
+    for v in flat:
+        x = np.float64(v)
+        s += x
+        ss += x * x
+    return s, ss
+
+
+@numba.njit(cache=True, nogil=True)
+def _replace_beyond(flat: np.ndarray, mean: float, limit: float) -> None:
+    m = np.float32(mean)
+    for i in range(flat.size):
+        if abs(np.float64(flat[i]) - mean) > limit:
+            flat[i] = m
+
+
+def _mean_sd(a: np.ndarray) -> tuple[float, float]:
+    flat = np.ascontiguousarray(a).reshape(-1)
+    s, ss = _moments(flat)
+    n = flat.size
+    mean = s / n
+    return mean, float(np.sqrt(max(ss / n - mean * mean, 0.0)))
 
 
 def edge_mean(image: np.ndarray) -> float:
@@ -53,11 +82,9 @@ def replace_outliers(image: np.ndarray, n_sigma: float = 6.0) -> np.ndarray:
     (ny, nx) float32 array
     """
     img = np.array(image, dtype=np.float32)
-    mean = float(img.mean(dtype=np.float64))
-    sd = float(img.std(dtype=np.float64))
+    mean, sd = _mean_sd(img)
     if sd > 0:
-        bad = np.abs(img - np.float32(mean)) > np.float32(n_sigma * sd)
-        img[bad] = np.float32(mean)
+        _replace_beyond(img.reshape(-1), mean, n_sigma * sd)
     return img
 
 
@@ -129,8 +156,7 @@ def normalise_boxes(boxes: np.ndarray) -> np.ndarray:
     The same array.
     """
     for b in boxes:  # one box at a time: float64 sums without a float64 copy of the stack
-        mean = float(b.mean(dtype=np.float64))
-        sd = float(b.std(dtype=np.float64))
+        mean, sd = _mean_sd(b)
         b -= np.float32(mean)
         if sd > 0:
             b *= np.float32(1.0 / sd)
