@@ -56,9 +56,11 @@ def _step(title: str, cmd: list[str]) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Simulate, create a project, import, reconstruct, auto-refine, report."""
+    """Simulate, create a project, import (movies, micrographs + CTF + positions -> package, particles),
+    reconstruct, auto-refine, report."""
     from cistem_mpi.db.project import Project
-    from cistem_mpi.drivers.simulate import simulate_movies, simulate_particles
+    from cistem_mpi.drivers.simulate import simulate_micrographs, simulate_movies, simulate_particles
+    from cistem_mpi.io.ctf_estimates import write_relion_ctf_star
     from cistem_mpi.io.par import write_par
     from cistem_mpi.io.param_store import read_params_h5
     from cistem_mpi.kernels.euler import angular_distance, rotation_matrix
@@ -79,6 +81,11 @@ def run(args: argparse.Namespace) -> int:
     sim = simulate_particles(data, n_particles=args.particles, box=64, pixel_size=2.5, snr=args.snr, seed=2026)
     movies = simulate_movies(data / "movies", n_movies=2, shape=(256, 256), n_frames=10, pixel_size=1.5,
                              exposure_per_frame=1.5, formats=("tiff",), seed=2026)
+    mics = simulate_micrographs(data / "micrographs", n_micrographs=3, shape=(512, 512), n_per_micrograph=25,
+                                box=64, pixel_size=2.5, exposure=200.0, seed=2026)
+    ctf_star = data / "micrographs" / "micrographs_ctf.star"  # as RELION's CtfFind job writes it
+    write_relion_ctf_star(ctf_star, [m.name for m in mics.micrographs], *mics.ctf.T, pixel_size=2.5,
+                          voltage=300.0, cs=2.7, amplitude_contrast=0.07)
     truth = sim.particles.params
     # the refinement starts from parameters off by a few degrees and Å, as after a coarse search
     rng = np.random.default_rng(7)
@@ -95,6 +102,16 @@ def run(args: argparse.Namespace) -> int:
     cmd = cli + ["import", "movies", "-p", str(root), *map(str, movies.movies["tiff"]), "--pixel-size", "1.5",
                  "--dose-per-frame", "1.5", "--gain", str(movies.gain)]
     times["import movies"] = _step("import movies (LZW TIFF) with their gain reference", cmd)
+    times["import images"] = _step("import micrographs", cli + ["import", "images", "-p", str(root),
+                                                             *map(str, mics.micrographs)])
+    times["import ctf"] = _step("import their CTF estimates (RELION micrographs_ctf.star)",
+                                cli + ["import", "ctf", "-p", str(root), str(ctf_star)])
+    times["import positions"] = _step("import particle positions (x y text files)",
+                                      cli + ["import", "positions", "-p", str(root), *map(str, mics.coordinates)])
+    times["package from positions"] = _step(
+        f"refinement package from the positions: particles cut out of the micrographs ({args.ranks} ranks)",
+        mpi + cli + ["package", "create", "-p", str(root), "--from-positions", "--box", "64",
+                     "--name", "8ZPM from micrographs"])
     times["import particles"] = _step(
         "import the particle stack with its starting parameters",
         cli + ["import", "particles", "-p", str(root), str(sim.stack), "--params", str(start_par),
