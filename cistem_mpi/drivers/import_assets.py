@@ -200,9 +200,7 @@ class ImageIndex:
         return self._unique(stem, source) or (self._unique(name, source) if stem != name else None)
 
     def for_file(self, source: Path):
-        """The image of a file that names no micrograph."""
-        if self.forced is not None:
-            return self.forced
+        """The image of a file that names no micrograph (by its file name)."""
         stem = source.name
         best = None
         for name in self.by_name:
@@ -213,39 +211,53 @@ class ImageIndex:
             raise InputError(source, "names no micrograph and no image name starts its file name; give --image")
         return self._unique(best, source)
 
+    def image_of(self, micrograph: str, source: Path):
+        """The image an entry of ``source`` belongs to (None: a micrograph that is not in the project)."""
+        if self.forced is not None:
+            return self.forced
+        return self.named(micrograph, source) if micrograph else self.for_file(source)
 
-def _import_ctf(ctx: JobContext) -> dict:
-    if not ctx.is_controller:
-        return {}
-    from cistem_mpi.io.ctf_estimates import read_ctf_estimates
 
+def _entries_with_images(ctx: JobContext, read) -> tuple[list[tuple[Path, list]], list[str]]:
+    """Every input file's entries (``read(path)``) paired with their images, checked before anything is
+    registered; entries on micrographs that are not images of the project are left out and returned."""
     a = ctx.args
     assert ctx.project is not None
     files = [_existing(f) for f in a["files"]]
     if a.get("image") and len(files) > 1:
         raise InputError("--image", "give one file with --image")
     index = ImageIndex(ctx.project.conn, a.get("image"))
-    imported, skipped = 0, []
-    for n, path in enumerate(files, 1):
-        estimates = read_ctf_estimates(path)
-        matched = 0
-        for est in estimates:
-            img = index.named(est.micrograph, path) if est.micrograph and index.forced is None else None
-            if img is None and (index.forced is not None or not est.micrograph):
-                img = index.for_file(path)
+    out, skipped = [], []
+    for path in files:
+        pairs = []
+        for entry in read(path):
+            img = index.image_of(entry.micrograph, path)
             if img is None:
-                skipped.append(est.micrograph)
-                continue
+                skipped.append(entry.micrograph)
+            else:
+                pairs.append((entry, img))
+        if not pairs:
+            raise InputError(path, "none of its micrographs is an image of this project (import the images first)")
+        out.append((path, pairs))
+    return out, skipped
+
+
+def _import_ctf(ctx: JobContext) -> dict:
+    if not ctx.is_controller:
+        return {}
+    from cistem_mpi.io.ctf_estimates import read_ctf_estimates
+
+    files, skipped = _entries_with_images(ctx, read_ctf_estimates)
+    imported = 0
+    for n, (path, pairs) in enumerate(files, 1):
+        for est, img in pairs:
             if not (np.isfinite(est.df1) and np.isfinite(est.df2) and est.df1 > 0 and est.df2 > 0):
                 raise InputError(path, f"defocus of {est.micrograph or img['name']} is not positive: "
                                        f"{est.df1}, {est.df2} Å")
             ctx.register("ctf_estimates", image_id=int(img["id"]), df1=float(est.df1), df2=float(est.df2),
                          angast=float(est.angast), pshift=float(est.pshift),
                          fit_resolution=_finite_or_none(est.fit_resolution), score=_finite_or_none(est.score))
-            matched += 1
-        if matched == 0:
-            raise InputError(path, "none of its micrographs is an image of this project (import the images first)")
-        imported += matched
+            imported += 1
         ctx.progress(n, len(files))
     if skipped:
         ctx.log.warning("%d CTF estimate(s) for micrographs that are not images of this project were left out "
@@ -262,22 +274,10 @@ def _import_positions(ctx: JobContext) -> dict:
         return {}
     from cistem_mpi.io.coordinates import read_coordinates
 
-    a = ctx.args
-    assert ctx.project is not None
-    files = [_existing(f) for f in a["files"]]
-    if a.get("image") and len(files) > 1:
-        raise InputError("--image", "give one file with --image")
-    index = ImageIndex(ctx.project.conn, a.get("image"))
-    total, per_image, skipped = 0, {}, []
-    for n, path in enumerate(files, 1):
-        matched = 0
-        for picks in read_coordinates(path):
-            img = index.named(picks.micrograph, path) if picks.micrograph and index.forced is None else None
-            if img is None and (index.forced is not None or not picks.micrograph):
-                img = index.for_file(path)
-            if img is None:
-                skipped.append(picks.micrograph)
-                continue
+    files, skipped = _entries_with_images(ctx, read_coordinates)
+    total, per_image = 0, {}
+    for n, (path, pairs) in enumerate(files, 1):
+        for picks, img in pairs:
             nx, ny, ps = int(img["nx"]), int(img["ny"]), float(img["pixel_size"])
             outside = (picks.x < 0) | (picks.x > nx - 1) | (picks.y < 0) | (picks.y > ny - 1)
             if outside.any():
@@ -290,9 +290,6 @@ def _import_positions(ctx: JobContext) -> dict:
             ctx.register_many("particle_positions", ("x", "y", "peak"), rows, image_id=int(img["id"]))
             per_image[img["name"]] = per_image.get(img["name"], 0) + len(rows)
             total += len(rows)
-            matched += 1
-        if matched == 0:
-            raise InputError(path, "none of its micrographs is an image of this project (import the images first)")
         ctx.progress(n, len(files))
     if skipped:
         ctx.log.warning("positions on %d micrograph(s) that are not images of this project were left out "
