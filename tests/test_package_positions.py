@@ -206,3 +206,16 @@ def test_bad_input_on_three_ranks_stops_the_waiting_workers(project):
     assert res.returncode == 2 and "larger than image" in res.stderr, res.stderr
     assert res.elapsed < 30  # type: ignore[attr-defined]
     assert db_dump(project) == before
+
+
+def test_package_from_positions_stores_a_split_that_keeps_micrographs_apart(project, micrographs, monkeypatch):
+    """From SPLIT_MIN_PARTICLES on (500, lowered here for 160 particles) the halves follow the stack blocks."""
+    import cistem_mpi.drivers.package as package
+    from cistem_mpi.io.param_store import read_params_column
+
+    monkeypatch.setattr(package, "SPLIT_MIN_PARTICLES", 100)
+    assert main(["package", "create", "-p", str(project), "--from-positions", "--box", "32"]) == 0
+    with Project.open(project, readonly=True) as p:
+        path = p.resolve(p.conn.execute("SELECT params_path FROM refinement_classes").fetchone()[0])
+    half = read_params_column(path, "half_set")
+    assert np.array_equal(half, np.where((np.arange(160) // 16) % 2 == 1, 1, 2))  # 4 micrographs < 20: 10 blocks

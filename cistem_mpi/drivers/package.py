@@ -42,7 +42,11 @@ and a set of starting parameters (a ``'start'`` refinement, "Start Params
     ``--positions-job`` / ``--images`` narrow the positions taken.  Each
     particle gets its image's newest CTF estimate, FILM = the image id, a
     random orientation (as cisTEM's wizard) and as its shift the sub-pixel
-    part of its position that the box cannot hold (cisTEM drops it).
+    part of its position that the box cannot hold (cisTEM drops it).  From
+    500 particles on, the half sets are stored by micrograph (see
+    :func:`split_by_micrograph`), so duplicate picks cannot correlate the
+    half maps; every package and refinement made from this one keeps that
+    split (the ``half_set`` column of the parameter files).
     ``refinement_package_members.parent_position`` holds the
     ``particle_positions`` id for these packages.
 
@@ -94,6 +98,10 @@ from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.params import Optics, ParticleSet, empty_params
 
+#: Packages cut from positions get a split by micrograph from this many particles on (cisTEM: 500) ...
+SPLIT_MIN_PARTICLES = 500
+#: ... by whole micrographs from this many micrographs on, by 10 stack blocks below (cisTEM: 20).
+SPLIT_MIN_MICROGRAPHS = 20
 #: Bytes of images read from the source stack at a time while copying.
 COPY_BATCH_BYTES = 32 * 1024 * 1024
 #: Stored types a copied stack keeps (what MrcStackWriter writes); others become float32.
@@ -410,10 +418,45 @@ class _Source:
     defaults: dict[str, Any] = field(default_factory=dict)  # symmetry, weight, dimension of a template
     summary: dict[str, Any] = field(default_factory=dict)
     extraction: Any = None  # ExtractionPlan when the stack is cut from micrographs
+    half_set: np.ndarray | None = None  # a stored half-set split per row (1/2), carried into the package
 
     @property
     def box(self) -> int:
         return int(self.extraction.box) if self.extraction is not None else int(self.stack_row["box"])
+
+
+def _carried_halves(path: Path, rows: np.ndarray) -> np.ndarray | None:
+    """The half-set split stored in parameter file ``path``, for its stack positions ``rows``
+    (None when the file stores none, so the package uses the default split)."""
+    from cistem_mpi.io.param_store import read_params_column, read_params_h5
+    from cistem_mpi.kernels.reconstruction import half_lookup
+
+    if Path(path).suffix.lower() != ".h5":
+        return None
+    half = read_params_column(path, "half_set")
+    if half is None:
+        return None
+    table = half_lookup(read_params_h5(path)["position"], half)
+    return table[np.asarray(rows, dtype=np.int64)]
+
+
+def split_by_micrograph(film: np.ndarray) -> np.ndarray | None:
+    """cisTEM's half sets for a package cut from positions: whole micrographs go to one half.
+
+    Duplicate picks of one particle then land in the same half and cannot
+    raise the FSC.  With 500 particles or more on 20 micrographs or more the
+    half is the image id's parity (as cisTEM's wizard); with fewer than 20
+    micrographs the stack is cut into 10 blocks that alternate (cisTEM too);
+    below 500 particles None: the default per-particle split.
+    """
+    n = len(film)
+    n_images = np.unique(film).size
+    if n < SPLIT_MIN_PARTICLES:
+        return None
+    if n_images >= SPLIT_MIN_MICROGRAPHS:
+        return np.where(np.asarray(film) % 2 == 1, 1, 2).astype(np.int8)
+    block = np.arange(n) // max(1, n // 10)
+    return np.where(block % 2 == 1, 1, 2).astype(np.int8)
 
 
 def _reject_options(a: dict[str, Any], source: str, *names: str) -> None:
@@ -489,6 +532,7 @@ def _from_refinement(ctx: JobContext, a: dict[str, Any], rng: np.random.Generato
     return _Source(
         stack_row=stack_row, stack_path=stack_path, optics=optics, params=plan.params, new_class=plan.new_class,
         subset=subset, parent_package=int(pkg["id"]), parent_refinement=run,
+        half_set=_carried_halves(first_path, plan.params[0]["position"]) if first_path is not None else None,
         defaults={"symmetry": pkg["symmetry"], "molecular_weight": pkg["molecular_weight"],
                   "largest_dimension": pkg["largest_dimension"]},
         summary={"template_run": run, "template_package": int(pkg["id"]),
@@ -564,15 +608,17 @@ def _from_stack(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator | N
         _check_positions(base["position"], n_stack, path, stack_path)
         params = _with_occupancies(base, n_new, rng)
         origin = str(path)
+        halves = _carried_halves(path, base["position"])
     else:
         base = empty_params(n_stack)
+        halves = None
         params = _fresh_params(base, n_new, np.random.default_rng(a.get("seed", 1)), rng)
         origin = "random orientations (the stack has no parameters)"
         ctx.log.warning("particle stack #%d has no parameter file: random orientations, no CTF values",
                         int(stack_row["id"]))
     return _Source(stack_row=stack_row, stack_path=stack_path, optics=optics, params=params,
                    new_class=best_class(np.stack([p["occ"] for p in params])) + 1, subset=False,
-                   summary={"stack": int(stack_row["id"]), "parameters": origin})
+                   summary={"stack": int(stack_row["id"]), "parameters": origin}, half_set=halves)
 
 
 def _from_classification(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator | None) -> _Source:
@@ -624,7 +670,8 @@ def _from_classification(ctx: JobContext, a: dict[str, Any], rng: np.random.Gene
                    parent_package=int(pkg["id"]),
                    defaults={"symmetry": pkg["symmetry"], "molecular_weight": pkg["molecular_weight"],
                              "largest_dimension": pkg["largest_dimension"]},
-                   summary={"classification": number, "selected": select, "per_2d_class": per_class})
+                   summary={"classification": number, "selected": select, "per_2d_class": per_class},
+                   half_set=_carried_halves(path, base["position"]))
 
 
 def _from_positions(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator | None) -> _Source:
@@ -647,7 +694,7 @@ def _from_positions(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator
         p["shy"] = plan.shift_px[:, 1] * plan.optics.pixel_size
     return _Source(stack_row=None, stack_path=None, optics=plan.optics, params=params,
                    new_class=best_class(np.stack([p["occ"] for p in params])) + 1, subset=True,
-                   summary=plan.summary, extraction=plan)
+                   summary=plan.summary, extraction=plan, half_set=split_by_micrograph(plan.film))
 
 
 def _metadata(a: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -753,7 +800,8 @@ def _create(ctx: JobContext) -> dict:
             for suffix in (".h5", ".par", ".star"):
                 written.append(base.with_suffix(suffix))
             write_params_h5(base.with_suffix(".h5"), params,
-                            {"pixel_size": src.optics.pixel_size, "symmetry": meta["symmetry"]})
+                            {"pixel_size": src.optics.pixel_size, "symmetry": meta["symmetry"]},
+                            {"half_set": src.half_set} if src.half_set is not None else None)
             write_par(base.with_suffix(".par"), params)
             write_cistem_star(base.with_suffix(".star"), ParticleSet(params=params, optics=[src.optics]))
             ctx.register("refinement_classes", refinement_id=refinement, class_number=k,

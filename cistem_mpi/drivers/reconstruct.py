@@ -191,15 +191,36 @@ def _plan(stack_path: str, particles: ParticleSet, settings: ReconstructionSetti
         if not np.isfinite(params[name][keep]).all():
             raise InputError(stack_path, f"parameter column {name.upper()} contains NaN or infinite values")
     optics = particles.optics[0]
-    sel = params[keep]
-    sel = sel[np.argsort(sel["position"], kind="stable")]  # stack order: sequential reads
+    order = np.argsort(params["position"][keep], kind="stable")  # stack order: sequential reads
+    sel = params[keep][order]
+    half = _half_sets_of(particles, keep, order, stack_path)
     symmetry_matrices(settings.symmetry)  # validates the symbol
     return {
         "stack": str(stack_path), "box": int(nx), "padded": padded_size(nx, settings.padding),
         "pixel_size": pixel_size, "optics": optics, "params": sel,
-        "half": rec.half_sets(sel["position"]),
+        "half": half,
         "score_b": rec.score_bfactors(sel["score"], settings.score_weighting),
     }
+
+
+def _half_sets_of(particles: ParticleSet, keep: np.ndarray, order: np.ndarray, where: str) -> np.ndarray:
+    """Half set (1 or 2) of each inserted particle.
+
+    A split stored with the particles (``extra["half_set"]``, e.g. by
+    micrograph for a package cut from positions, so that duplicate picks
+    cannot correlate the half maps) is used as it is; otherwise the fixed
+    hash of the stack position (:func:`~cistem_mpi.kernels.reconstruction.half_sets`).
+    """
+    stored = particles.extra.get("half_set") if particles.extra else None
+    if stored is None:
+        return rec.half_sets(particles.params["position"][keep][order])
+    half = np.asarray(stored).astype(np.int8).ravel()
+    if len(half) != len(particles.params):
+        raise InputError(where, f"stored half sets have {len(half)} rows for {len(particles.params)} particles")
+    half = half[keep][order]
+    if not np.isin(half, (1, 2)).all() or np.unique(half).size < 2:
+        raise InputError(where, "stored half sets must be 1 or 2 and both halves must hold particles")
+    return half
 
 
 class _Inserter:
@@ -346,8 +367,12 @@ def settings_from_args(a: dict[str, Any], symmetry: str) -> ReconstructionSettin
 
 
 def load_refinement(ctx: JobContext, run: int | None) -> dict[str, Any]:
-    """A refinement's stack, classes and parameters from the project (rank 0)."""
-    from cistem_mpi.io.param_store import read_params_h5
+    """A refinement's stack, classes and parameters from the project (rank 0).
+
+    ``half_sets`` holds, per class, the half-set column stored with the
+    parameters (None where a file has none).
+    """
+    from cistem_mpi.io.param_store import read_params_column, read_params_h5
 
     assert ctx.project is not None
     conn = ctx.project.conn
@@ -361,14 +386,15 @@ def load_refinement(ctx: JobContext, run: int | None) -> dict[str, Any]:
         raise InputError("--refinement", f"no refinement #{run} in the project")
     pkg = conn.execute("SELECT * FROM refinement_packages WHERE id = ?", (ref["package_id"],)).fetchone()
     stack = conn.execute("SELECT * FROM particle_stacks WHERE id = ?", (pkg["stack_id"],)).fetchone()
-    classes = []
+    classes, halves = [], []
     for c in conn.execute("SELECT * FROM refinement_classes WHERE refinement_id = ? ORDER BY class_number", (run,)):
-        params = read_params_h5(ctx.project.resolve(c["params_path"]))
-        classes.append((int(c["class_number"]), params))
+        path = ctx.project.resolve(c["params_path"])
+        classes.append((int(c["class_number"]), read_params_h5(path)))
+        halves.append(read_params_column(path, "half_set"))
     optics = Optics(pixel_size=float(stack["pixel_size"]), voltage=float(stack["voltage"]), cs=float(stack["cs"]),
                     amplitude_contrast=float(stack["amplitude_contrast"]))
     return {"run": run, "refinement": ref, "package": pkg, "stack_path": str(ctx.project.resolve(stack["path"])),
-            "optics": optics, "classes": classes}
+            "optics": optics, "classes": classes, "half_sets": halves}
 
 
 def _job(ctx: JobContext) -> dict:
@@ -397,9 +423,10 @@ def _job(ctx: JobContext) -> dict:
             stack_path = ref["stack_path"]
             symmetry = (a.get("symmetry") or ref["package"]["symmetry"] or "C1").upper()
             r = ref["refinement"]
-            for c, params in ref["classes"]:
+            for (c, params), half in zip(ref["classes"], ref["half_sets"]):
                 # several classes: a particle counts in each class by its occupancy (OCC weighting)
-                ps = ParticleSet(params=params.copy(), optics=[ref["optics"]])
+                ps = ParticleSet(params=params.copy(), optics=[ref["optics"]],
+                                 extra={"half_set": half} if half is not None else {})
                 name = naming.volume_file_name(r["kind"], ref["run"], c)
                 display = naming.volume_display_name(r["kind"], ref["run"], c, r["round"])
                 todo.append((stack_path, ps, name, display,

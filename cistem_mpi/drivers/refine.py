@@ -31,7 +31,7 @@ from cistem_mpi.io.params import ParticleSet
 from cistem_mpi.kernels import alignment as al
 from cistem_mpi.kernels import refinement as rf
 from cistem_mpi.kernels.projection import prepare_volume_ft
-from cistem_mpi.kernels.reconstruction import half_sets
+from cistem_mpi.kernels.reconstruction import half_lookup, half_sets
 
 #: Auto refine stops when the resolution improves by less than this fraction.
 AUTO_MIN_IMPROVEMENT = 0.01
@@ -281,6 +281,7 @@ def _initial_state(ctx: JobContext, auto: bool) -> dict[str, Any]:
         # Å from the first voxel -> pixels from the volume centre
         focus = tuple(float(v) / ps - box // 2 for v in a["focus_centre"])
     return {
+        "half_by_position": half_lookup(classes[0][1]["position"], ref["half_sets"][0]),
         "run": ref["run"], "package_id": int(ref["package"]["id"]), "stack": ref["stack_path"],
         "optics": ref["optics"], "box": int(box), "pixel_size": float(ps),
         "symmetry": (a.get("symmetry") or ref["package"]["symmetry"] or "C1").upper(),
@@ -321,6 +322,12 @@ def _round_plan(state: dict[str, Any], a: dict[str, Any], auto: bool) -> dict[st
     }
 
 
+def _stored_halves(state: dict[str, Any], positions: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"half_set": ...}`` for these stack positions when the package stores its split, else ``{}``."""
+    lookup = state.get("half_by_position")
+    return {"half_set": lookup[np.asarray(positions, dtype=np.int64)]} if lookup is not None else {}
+
+
 def _reconstruct_classes(ctx: JobContext, state: dict[str, Any], settings: ReconstructionSettings) -> list[Reconstruction]:
     """Reconstruct every class from the current parameters (all ranks; results on rank 0)."""
     out = []
@@ -335,7 +342,8 @@ def _reconstruct_classes(ctx: JobContext, state: dict[str, Any], settings: Recon
                 # soft weights keep the classes alike and slow their divergence from a random start.
                 params = params.copy()
                 params["occ"] = np.where(best == c, 100.0, 0.0)
-            particles = ParticleSet(params=params, optics=[state["optics"]])
+            particles = ParticleSet(params=params, optics=[state["optics"]],
+                                    extra=_stored_halves(state, params["position"]))
         rec = reconstruct_particles(ctx.world, state["stack"], particles, settings, progress=None)
         if ctx.is_controller:
             out.append(rec)
@@ -397,7 +405,9 @@ def _register(ctx: JobContext, state: dict[str, Any], rounds: list[dict[str, Any
         parent_row = refinement
         for c, (params, rec) in enumerate(zip(rd["params"], rd["recs"]), 1):
             base = param_dir / f"params_{run}_{c}"
-            half = half_sets(params["position"])
+            half = _stored_halves(state, params["position"]).get("half_set")
+            if half is None:
+                half = half_sets(params["position"])
             write_params_h5(base.with_suffix(".h5"), params,
                             {"pixel_size": state["pixel_size"], "symmetry": state["symmetry"]}, {"half_set": half})
             write_par(base.with_suffix(".par"), params)

@@ -28,7 +28,7 @@ from cistem_mpi.kernels.filters import apply_bfactor, lowpass
 from cistem_mpi.kernels.radial import shell_average
 
 __all__ = [
-    "half_sets", "slab_shell_sums", "fsc_from_sums", "wiener_regularisers", "normalise_slab",
+    "half_sets", "half_lookup", "slab_shell_sums", "fsc_from_sums", "wiener_regularisers", "normalise_slab",
     "guinier_bfactor", "sharpen", "score_bfactors",
 ]
 
@@ -47,6 +47,20 @@ def half_sets(positions: np.ndarray, seed: int = 0) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
     return (1 + (x & np.uint64(1))).astype(np.int8)
+
+
+def half_lookup(positions: np.ndarray, half: np.ndarray | None) -> np.ndarray | None:
+    """A table ``table[position] -> half set`` from a stored split (None when there is none).
+
+    Positions missing from the split get the hash of :func:`half_sets`, so a
+    table built from one class covers any particle of the same stack.
+    """
+    if half is None:
+        return None
+    pos = np.asarray(positions, dtype=np.int64)
+    table = half_sets(np.arange(int(pos.max()) + 1))
+    table[pos] = np.asarray(half, dtype=np.int8)
+    return table
 
 
 @njit(cache=True)
