@@ -113,16 +113,17 @@ def plan_extraction(project, box: int, jobs: list[int] | None = None, images: li
         raise InputError("--from-positions", "no particle positions match (import positions first: "
                                              "`cistem-mpi import positions`)")
     image_ids = np.unique(rows[:, 1].astype(np.int64))
-    img_rows = {int(r["id"]): r for r in conn.execute(
-        f"SELECT * FROM images WHERE id IN ({','.join('?' * len(image_ids))})", [int(i) for i in image_ids])}
+    # rows are sorted by image: each image's rows are one slice (no per-image scan of every row)
+    bounds = np.searchsorted(rows[:, 1], image_ids, side="left").tolist() + [len(rows)]
+    # every image (not an IN list: tens of thousands of micrographs exceed SQLite's variable limit)
+    img_rows = {int(r["id"]): r for r in conn.execute("SELECT * FROM images")}
     first = img_rows[int(image_ids[0])]
     optics = Optics(pixel_size=float(first["pixel_size"]), voltage=float(first["voltage"]), cs=float(first["cs"]),
                     amplitude_contrast=float(first["amplitude_contrast"]))
     micrographs: list[Micrograph] = []
     ctf = np.zeros((len(rows), 4), dtype=np.float64)
     shift = np.zeros((len(rows), 2), dtype=np.float64)
-    start = 0
-    for image_id in image_ids:
+    for k, image_id in enumerate(image_ids):
         img = img_rows[int(image_id)]
         for key, value in (("pixel_size", optics.pixel_size), ("voltage", optics.voltage), ("cs", optics.cs),
                            ("amplitude_contrast", optics.amplitude_contrast)):
@@ -139,14 +140,12 @@ def plan_extraction(project, box: int, jobs: list[int] | None = None, images: li
         if est is None:
             raise InputError("--from-positions", f"image {img['name']} has no CTF estimate "
                                                  "(import one: `cistem-mpi import ctf`)")
-        sel = rows[:, 1] == image_id
+        start, stop = bounds[k], bounds[k + 1]
         ps = optics.pixel_size
-        x0, y0, dx, dy = box_corners(rows[sel, 2] / ps, rows[sel, 3] / ps, box)
-        stop = start + int(sel.sum())
+        x0, y0, dx, dy = box_corners(rows[start:stop, 2] / ps, rows[start:stop, 3] / ps, box)
         ctf[start:stop] = tuple(est)
         shift[start:stop, 0], shift[start:stop, 1] = dx, dy
         micrographs.append(Micrograph(int(image_id), str(img["name"]), str(path), start, stop, x0, y0))
-        start = stop
     return ExtractionPlan(box=int(box), optics=optics, invert=bool(invert), micrographs=micrographs,
                           position_ids=rows[:, 0].astype(np.int64), film=rows[:, 1].astype(np.int32), ctf=ctf,
                           shift_px=shift,
