@@ -23,7 +23,8 @@ PIXEL_SIZE_TOLERANCE = 1e-3
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``import`` command."""
-    p = sub.add_parser("import", help="import movies, images, particle stacks (+ .par/.star) or volumes")
+    p = sub.add_parser("import", help="import movies, images, CTF estimates, particle positions, particle stacks "
+                                      "(+ .par/.star) or volumes")
     isub = p.add_subparsers(dest="what", metavar="<what>", required=True)
 
     def optics(q: argparse.ArgumentParser, required: bool) -> None:
@@ -53,14 +54,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = isub.add_parser("ctf", help="CTF estimates of imported images (RELION micrographs_ctf.star, CTFFIND .txt)")
     add_job_arguments(c)
-    c.add_argument("files", nargs="+")
+    c.add_argument("files", nargs="+", help="RELION micrographs_ctf.star or CTFFIND4/5 output .txt files")
     c.add_argument("--image", help="image (name or id) for a file that names no micrograph (one file only)")
     c.set_defaults(func=lambda a: run_job(a, "import", _import_ctf))
 
     q = isub.add_parser("positions",
                         help="particle positions on imported images (RELION coordinate/particle .star, .box, x y text)")
     add_job_arguments(q)
-    q.add_argument("files", nargs="+")
+    q.add_argument("files", nargs="+", help="RELION autopick/particle .star or coordinate-file list, "
+                                            ".box, or text with x y in pixels (0 = first pixel)")
     q.add_argument("--image", help="image (name or id) for a file that names no micrograph (one file only)")
     q.set_defaults(func=lambda a: run_job(a, "import", _import_positions))
 
