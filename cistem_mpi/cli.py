@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
         return int(rc or 0)
     except CistemError as exc:
-        if getattr(exc, "quiet", False):  # another rank reports it (a worker stopped for rank 0's bad input)
+        if exc.quiet:  # another rank reports it (a worker stopped for rank 0's bad input)
             return exc.exit_code
         if debug:
             traceback.print_exc()

@@ -14,6 +14,8 @@ class CistemError(Exception):
     """Base class of errors the CLI reports without a traceback."""
 
     exit_code = 1
+    #: True when another rank reports this failure, so this process exits without a line of its own.
+    quiet = False
 
 
 class InputError(CistemError):

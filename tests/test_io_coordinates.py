@@ -1,7 +1,7 @@
 """Particle coordinates: RELION STAR (pick, particle, list), EMAN .box, plain text.
 
 Expected values of the real files are read here by plain string splitting of
-the STAR text (``_star_loop``), never by the reader under test.
+the STAR text (``helpers_star.star_loop``), never by the reader under test.
 """
 
 from __future__ import annotations
@@ -13,30 +13,9 @@ import pytest
 
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.coordinates import PickedParticles, read_coordinates
+from helpers_star import star_loop
 
 AUTOPICK = "em-testdata/20170629_00049_frameImage_autopick.star"
-
-
-def _star_loop(path, block: str) -> tuple[list[str], list[list[str]]]:
-    """Labels and rows of loop ``data_<block>``: the file's text split on whitespace."""
-    labels: list[str] = []
-    rows: list[list[str]] = []
-    inside = False
-    for line in path.read_text().splitlines():
-        s = line.strip()
-        if s.startswith("data_"):
-            if inside:
-                break
-            inside = s == f"data_{block}"
-            continue
-        if not inside or not s or s.startswith("#") or s == "loop_":
-            continue
-        if s.startswith("_"):
-            labels.append(s.split()[0][1:])
-        else:
-            rows.append(s.split())
-    assert labels, f"no data_{block} loop in {path}"
-    return labels, rows
 
 
 def _col(labels, rows, label) -> list[str]:
@@ -57,7 +36,7 @@ def _first_appearance(names: list[str]) -> list[str]:
 
 def test_relion_autopick_star(shared_data):
     path = shared_data / AUTOPICK
-    labels, rows = _star_loop(path, "")
+    labels, rows = star_loop(path, "")
     (pk,) = read_coordinates(path)
     assert isinstance(pk, PickedParticles)
     assert pk.micrograph == "" and pk.source == path
@@ -75,7 +54,7 @@ def test_relion_autopick_star(shared_data):
 def test_relion31_particles_grouped_by_micrograph(shared_data):
     """RELION 3.1 optics + particles: 1000 rows of 22 micrographs, no FOM column."""
     path = shared_data / "em-testdata/particles_1k.star"
-    labels, rows = _star_loop(path, "particles")
+    labels, rows = star_loop(path, "particles")
     names = _col(labels, rows, "rlnMicrographName")
     xs, ys = _col(labels, rows, "rlnCoordinateX"), _col(labels, rows, "rlnCoordinateY")
     picks = read_coordinates(path)
@@ -97,7 +76,7 @@ def test_relion31_particles_grouped_by_micrograph(shared_data):
 def test_relion31_block_order_and_names(shared_data):
     a = read_coordinates(shared_data / "cryodrgn/relion31.star")      # optics first
     b = read_coordinates(shared_data / "cryodrgn/relion31.v2.star")   # particles first
-    labels, rows = _star_loop(shared_data / "cryodrgn/relion31.star", "particles")
+    labels, rows = star_loop(shared_data / "cryodrgn/relion31.star", "particles")
     assert len(a) == len(b) == 1
     assert a[0].micrograph == b[0].micrograph == rows[0][labels.index("rlnMicrographName")]
     assert a[0].micrograph.startswith("Micrographs/18aug10a_MC2_FoilHole_10984848")
@@ -112,7 +91,7 @@ def test_relion31_block_order_and_names(shared_data):
 def test_relion30_single_block_with_fom(shared_data, rel, block, n):
     """RELION 1.x/3.0 single table (unnamed or named block) with micrograph names and FOM."""
     path = shared_data / rel
-    labels, rows = _star_loop(path, block)
+    labels, rows = star_loop(path, block)
     (pk,) = read_coordinates(path)
     assert len(pk) == len(rows) == n
     assert pk.micrograph == rows[0][labels.index("rlnMicrographName")]
@@ -124,7 +103,7 @@ def test_relion30_single_block_with_fom(shared_data, rel, block, n):
 def test_relion30_many_micrographs_order(shared_data):
     """8915 particles of 15 micrographs: first-appearance order, every row kept once."""
     path = shared_data / "relion_tests/ap_s_c2d.star"
-    labels, rows = _star_loop(path, "")
+    labels, rows = star_loop(path, "")
     names = _col(labels, rows, "rlnMicrographName")
     picks = read_coordinates(path)
     assert [p.micrograph for p in picks] == _first_appearance(names)
@@ -156,7 +135,7 @@ def test_interleaved_micrographs_first_appearance_order(tmp_path):
 
 def _project_with_listed_files(root, list_path):
     """Create every file the list names under ``root`` as a link to the one real autopick file."""
-    labels, rows = _star_loop(list_path, "coordinate_files")
+    labels, rows = star_loop(list_path, "coordinate_files")
     real = list_path.parent / "20170629_00049_frameImage_autopick.star"
     for f in _col(labels, rows, "rlnMicrographCoordinates"):
         target = root / f

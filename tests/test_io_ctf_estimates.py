@@ -25,6 +25,7 @@ import pytest
 
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.ctf_estimates import CtfEstimate, read_ctf_estimates
+from helpers_star import star_loop
 
 CTFFIND4_TXT = """\
 # Output from CTFFind version 4.1.14, run on 2023-02-02 15:13:07
@@ -51,26 +52,12 @@ def _header(input_file: str, n: int) -> str:
         f"{input_file} ; Number of micrographs: {n}")
 
 
-def _loop(path, block: str) -> tuple[list[str], list[list[str]]]:
-    labels, rows, inside = [], [], False
-    for line in path.read_text().splitlines():
-        s = line.strip()
-        if s.startswith("data_"):
-            if inside:
-                break
-            inside = s == f"data_{block}"
-            continue
-        if inside and s and not s.startswith("#") and s != "loop_":
-            (labels.append(s.split()[0][1:]) if s.startswith("_") else rows.append(s.split()))
-    return labels, rows
-
-
 # --------------------------------------------------------------------------- RELION
 
 
 def test_relion31_micrographs_ctf(shared_data):
     path = shared_data / "em-testdata/micrographs_ctf.star"
-    labels, rows = _loop(path, "micrographs")
+    labels, rows = star_loop(path, "micrographs")
     est = read_ctf_estimates(path)
     assert len(est) == len(rows) == 24
     col = {lab: k for k, lab in enumerate(labels)}
@@ -93,7 +80,7 @@ def test_relion31_micrographs_ctf(shared_data):
 
 def test_relion30_single_block_phase_shift_degrees_to_radians(shared_data, tmp_path):
     """A 3.0-style table built from the real file's first rows, plus a phase shift in degrees."""
-    labels, rows = _loop(shared_data / "em-testdata/micrographs_ctf.star", "micrographs")
+    labels, rows = star_loop(shared_data / "em-testdata/micrographs_ctf.star", "micrographs")
     shifts = ["0.000000", "90.000000", "45.500000"]
     text = "\n# version 30001\n\ndata_\n\nloop_\n" + "".join(f"_{lab} #{k + 1}\n" for k, lab in enumerate(labels))
     text += f"_rlnPhaseShift #{len(labels) + 1}\n"
