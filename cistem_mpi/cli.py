@@ -31,9 +31,15 @@ class _Parser(argparse.ArgumentParser):
 
 # command -> the driver module that registers it; a test checks this against the drivers
 COMMAND_MODULES: dict[str, str] = {
+    "ab-initio": "ab_initio",
+    "align-movies": "align_movies",
     "auto-refine": "refine",
+    "classify-2d": "classify_2d",
+    "compress-movies": "compress_movies",
     "convert": "convert",
     "demo": "demo",
+    "find-ctf": "find_ctf",
+    "find-particles": "find_particles",
     "import": "import_assets",
     "manual-refine": "refine",
     "mpi-check": "mpi_check",

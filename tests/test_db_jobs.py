@@ -180,7 +180,7 @@ def test_asset_names_from_database(project):
         ctx.register("volumes", path="Assets/Volumes/startup_volume_1_1.mrc", kind="startup", run_number=1,
                      class_number=1, display_name=naming.volume_display_name("startup", 1, 1), box=8, pixel_size=1.0)
 
-    run_job(job_args(project), "classify2d", body)
+    run_job(job_args(project), "classify_2d", body)
     with Project.open(project) as p:
         assert naming.next_classification_number(p.conn) == 2
         assert naming.next_startup_run(p.conn) == 2

@@ -270,7 +270,7 @@ def _add_classification(project: Path, template, n_classes: int = 4, seed: int =
                          path=project / "Assets" / "ClassAverages" / "class_averages_0001.mrc", params_path=h5)
         return {}
 
-    assert run_job(job_args(project), "classify2d", body) == 0
+    assert run_job(job_args(project), "classify_2d", body) == 0
     return classes
 
 

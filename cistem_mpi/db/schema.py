@@ -190,8 +190,38 @@ CREATE TABLE volumes (
 );
 """
 
+# Version 2: what the front-half jobs (align-movies, find-ctf, find-particles,
+# classify-2d) record, and the contrast convention of a particle stack.
+_V2 = """
+ALTER TABLE images ADD COLUMN unweighted_path TEXT;
+ALTER TABLE images ADD COLUMN trajectory_path TEXT;
+
+ALTER TABLE ctf_estimates ADD COLUMN tilt_axis REAL;
+ALTER TABLE ctf_estimates ADD COLUMN tilt_angle REAL;
+ALTER TABLE ctf_estimates ADD COLUMN thickness REAL;
+ALTER TABLE ctf_estimates ADD COLUMN poor_fit INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE ctf_estimates ADD COLUMN output_path TEXT;
+ALTER TABLE ctf_estimates ADD COLUMN avrot_path TEXT;
+
+ALTER TABLE classifications_2d ADD COLUMN iteration INTEGER;
+ALTER TABLE classifications_2d ADD COLUMN parent_id INTEGER REFERENCES classifications_2d(id);
+ALTER TABLE classifications_2d ADD COLUMN resolution_limit REAL;
+
+CREATE TABLE classification_2d_classes (
+    classification_id INTEGER NOT NULL REFERENCES classifications_2d(id),
+    class_number      INTEGER NOT NULL,
+    population        REAL NOT NULL,
+    resolution        REAL,
+    score             REAL,
+    rank              INTEGER,
+    PRIMARY KEY (classification_id, class_number)
+);
+
+ALTER TABLE particle_stacks ADD COLUMN protein_is_white INTEGER NOT NULL DEFAULT 0;
+"""
+
 #: ``MIGRATIONS[k]`` upgrades version k to k + 1.
-MIGRATIONS: list[str] = [_V1]
+MIGRATIONS: list[str] = [_V1, _V2]
 
 #: The version a database has after every migration.
 LATEST_VERSION = len(MIGRATIONS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -29,7 +30,7 @@ from cistem_mpi.errors import CistemError, InputError, JobFailed
 SCRATCH_FOLDERS: dict[str, str] = {
     "auto_refine": "AutoRefine3D",
     "manual_refine": "ManualRefine3D",
-    "classify2d": "Refine2DScratch",
+    "classify_2d": "Refine2DScratch",
     "ab_initio": "Refine2DScratch/Startup",
 }
 
@@ -44,6 +45,49 @@ CANCEL_TYPES = ("Terminated", "KeyboardInterrupt")
 def scratch_folder(job_type: str) -> str:
     """``Scratch/<JobType>`` folder name for a job type."""
     return SCRATCH_FOLDERS.get(job_type, "".join(part.capitalize() for part in job_type.split("_")))
+
+
+#: Key of the job result that lists the staged files (``[[staged, final], ...]``) of a finished job.
+STAGED_KEY = "staged_outputs"
+
+
+def staged_path(final: str | os.PathLike, token: str) -> Path:
+    """The job-private temporary name of an asset file until its job is registered.
+
+    ``.<name>.<token>.part`` beside ``final``: a hidden name that no reader
+    takes for an asset, and that ``project clean`` recognises as a leftover.
+
+    Parameters
+    ----------
+    final : path
+        Where the file belongs once the job is registered.
+    token : str
+        Names the writer, ``job<id>`` for a job (or an array step's token).
+
+    Returns
+    -------
+    Path
+
+    >>> staged_path("Assets/Volumes/volume_1_1.mrc", "job12").name
+    '.volume_1_1.mrc.job12.part'
+    """
+    f = Path(final)
+    return f.with_name(f".{f.name}.{token}.part")
+
+
+def promote_staged(pairs: list[tuple[str, str]]) -> list[str]:
+    """Rename every staged file that still exists to its final name; return the final names done.
+
+    Idempotent: a pair whose staged file is gone (renamed already) is left
+    alone, so a job interrupted between its commit and its renames is rolled
+    forward by calling this again with the pairs stored in its result.
+    """
+    done = []
+    for staged, final in pairs:
+        if os.path.lexists(staged):
+            os.replace(staged, final)
+            done.append(str(final))
+    return done
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +112,7 @@ class JobContext:
     project: Project | None = None  # (rank 0)
     result: dict[str, Any] = field(default_factory=dict)  # (rank 0) stored with the record
     _rows: list[jobs_db.PendingRow | jobs_db.PendingBulk] = field(default_factory=list)
+    _staged: dict[str, str] = field(default_factory=dict)  # final -> staged (rank 0)
     _meter: Progress | None = None
     _last_db: float = -1e300
 
@@ -90,6 +135,27 @@ class JobContext:
     def is_controller(self) -> bool:
         """True on rank 0."""
         return self.world.rank == 0
+
+    def stage(self, final: str | os.PathLike) -> Path:
+        """Where to write the asset file ``final`` (any rank); renamed to ``final`` once the job is registered.
+
+        On rank 0 the pair is also recorded, so the rename happens right
+        after the transaction that registers the job's rows commits.  A
+        worker that writes a file calls this too (same name); rank 0 must
+        call it (or :meth:`adopt`) for that file as well.  Until then the
+        file has a job-private hidden name: a job killed at any moment
+        leaves no file under an asset's name.
+        """
+        staged = staged_path(final, f"job{self.job_id}")
+        if self.project is not None:
+            self._staged[str(Path(final))] = str(staged)
+        return staged
+
+    def adopt(self, staged: str | os.PathLike, final: str | os.PathLike) -> None:
+        """Record an already written staged file (e.g. by a Slurm array task) to rename to ``final`` (rank 0)."""
+        if self.project is None:
+            raise RuntimeError("only the controller (rank 0) registers assets")
+        self._staged[str(Path(final))] = str(staged)
 
     def register(self, table: str, **fields: Any) -> jobs_db.PendingRow:
         """Register a row (an asset) to insert when the job finishes (rank 0).
@@ -208,7 +274,15 @@ def run_job(args: argparse.Namespace, job_type: str, body: Callable[[JobContext]
                     ctx.result.update(out)
                 if ctx._meter is not None:
                     ctx._meter.close()
+                pairs = [(st, fi) for fi, st in ctx._staged.items()]
+                missing = [st for st, _ in pairs if not os.path.lexists(st)]
+                if missing:
+                    raise RuntimeError(f"{missing[0]}: staged output missing ({len(missing)} of {len(pairs)} files)")
+                if pairs:
+                    ctx.result[STAGED_KEY] = pairs
                 jobs_db.finish_job(project.conn, ctx.job_id, ctx._rows, ctx.result)
+                # committed: the files take their asset names (rolled forward by `project clean` if killed here)
+                promote_staged(pairs)
         if world.is_controller:
             log.info("job %d finished in %.1f s on %d rank(s); registered %d record set(s)", ctx.job_id,
                      time.monotonic() - t0, world.size, len(ctx._rows))
