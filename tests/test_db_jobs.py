@@ -119,6 +119,7 @@ from cistem_mpi.db.project import Project
 from cistem_mpi.db import jobs
 p = Project.open({str(project)!r})
 jid = jobs.create_job(p.conn, 'align_movies', {{}}, 2)
+print('started', flush=True)  # the readers start only once the job exists
 i = 0
 while not os.path.exists({str(stop_file)!r}):
     i += 1
@@ -128,6 +129,7 @@ jobs.finish_job(p.conn, jid, [], {{'writes': i}})
 print(i)
 """], stdout=subprocess.PIPE, text=True)
     try:
+        assert writer.stdout.readline().strip() == "started"
         seen = []
         for _ in range(3):  # readers in other processes, as a user in another shell
             r = subprocess.run([sys.executable, "-m", "cistem_mpi", "status", "-p", str(project), "--json"],

@@ -16,20 +16,48 @@ def _at_version(path, v):
     return conn
 
 
+def _columns(conn) -> set[tuple[str, str]]:
+    """Every (table, column) of the database."""
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    return {(t, r[1]) for t in tables for r in conn.execute(f"PRAGMA table_info({t})")}
+
+
 @pytest.mark.parametrize("k", range(schema.LATEST_VERSION))
 def test_migration_from_version_before(tmp_path, k):
     conn = _at_version(tmp_path / "p.db", k)
-    before = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    before = _columns(conn)
     if k >= 1:  # data written at version k survives the step
         conn.execute("INSERT INTO settings(key, value) VALUES ('probe', 'kept')")
     schema.migrate(conn, target=k + 1)
     assert schema.version(conn) == k + 1
-    after = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert before <= after and after != before or k + 1 > 1
+    after = _columns(conn)
+    assert before < after, f"migration {k} -> {k + 1} adds no table or column"
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     if k >= 1:
         assert conn.execute("SELECT value FROM settings WHERE key='probe'").fetchone()[0] == "kept"
+
+
+def test_version_1_project_data_migrates_to_latest(tmp_path):
+    """A project written by the first release (schema 1) keeps every row, with defaults in the new columns."""
+    conn = _at_version(tmp_path / "p.db", 1)
+    conn.execute("INSERT INTO jobs(id, type, status, queued_at) VALUES (1, 'import_images', 'finished', 0)")
+    conn.execute("INSERT INTO images(id, path, name, nx, ny, pixel_size, voltage, cs, amplitude_contrast, job_id)"
+                 " VALUES (1, 'Assets/Images/a.mrc', 'a', 64, 64, 1.0, 300, 2.7, 0.07, 1)")
+    conn.execute("INSERT INTO ctf_estimates(image_id, df1, df2, angast, job_id) VALUES (1, 15000, 14000, 30, 1)")
+    conn.execute("INSERT INTO particle_stacks(id, path, name, n_particles, box, pixel_size, voltage, cs,"
+                 " amplitude_contrast, job_id) VALUES (1, 's.mrcs', 's', 10, 64, 1.0, 300, 2.7, 0.07, 1)")
+    conn.execute("INSERT INTO classifications_2d(number, n_classes, path, job_id) VALUES (1, 5, 'c.mrc', 1)")
+    dump_v1 = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+               for t in ("jobs", "images", "ctf_estimates", "particle_stacks", "classifications_2d")}
+    schema.migrate(conn)
+    assert schema.version(conn) == schema.LATEST_VERSION
+    for t, n in dump_v1.items():
+        assert conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] == n
+    est = conn.execute("SELECT df1, df2, angast, poor_fit, tilt_angle FROM ctf_estimates").fetchone()
+    assert tuple(est) == (15000, 14000, 30, 0, None)
+    assert conn.execute("SELECT protein_is_white FROM particle_stacks").fetchone()[0] == 0
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 def test_latest_schema_has_every_record_type(tmp_path):
