@@ -1,0 +1,132 @@
+"""CTF estimation speed (``find-ctf``): CPU seconds per 4096² micrograph on one core.
+
+Fits one micrograph with :func:`cistem_mpi.kernels.ctffind.estimate_ctf`
+(box 512, ctffind's defaults: 30–5 Å, 5,000–50,000 Å in 100 Å steps), with
+and without the phase-shift search (0–pi in 0.1 rad steps), and the same
+search in plain numpy (the hot loops - tile FFTs, the 1D grid, the 2D
+normalised cross-correlation - as numpy array expressions instead of pyFFTW
+plans and numba loops; every other step shared) in the same run.  Reports
+CPU seconds (``time.process_time``, as the issue's ctffind figures are CPU
+time), the fits, and peak memory (``ru_maxrss``).
+
+The micrographs are the real EPU files of ``../shared/data/mrcfile`` when
+present (4096² at 0.6666 Å and 3838 x 3710 at 0.8538 Å, both resampled to
+~1.4 Å as ctffind does), else a simulated 4096² micrograph at 0.6666 Å.
+
+ctffind itself on the same EPU files, one core, box 512, defaults, no phase
+shift (measured by the issue author, not by us): 0.74 s and 1.17 s CPU.
+
+Usage::
+
+    python benchmarks/bench_find_ctf.py            # 2 repeats of each
+    python benchmarks/bench_find_ctf.py --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cistem_mpi.kernels import ctffind as K
+from cistem_mpi.kernels.ctf import ctf_2d
+
+SHARED = Path(os.environ.get("CISTEM_MPI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _numpy_ncc_2d(values, base, a, ac, as_, m, dx, dy, p, norm_s, mean_s, table=None):
+    v = np.abs(np.sin(base + m * a + dx * ac + dy * as_ + p))
+    n = values.shape[0]
+    sctf = v.sum()
+    den = norm_s * (v @ v - sctf * sctf / n)
+    return 0.0 if den <= 0 else float((values @ v - mean_s * sctf) / math.sqrt(den))
+
+
+def _numpy_score_1d_grid(curve, base, a, defoci, phases, table=None):
+    out = np.empty((defoci.size, phases.size))
+    nc = curve @ curve
+    for j, p in enumerate(phases):
+        v = np.abs(np.sin(base[None, :] + defoci[:, None] * a[None, :] + p))
+        out[:, j] = (v @ curve) / np.sqrt((v * v).sum(axis=1) * nc)
+    return out
+
+
+class _NumpyFFT:
+    @staticmethod
+    def rfftn(x, axes=None):
+        return np.fft.rfftn(x, axes=axes)
+
+
+@contextlib.contextmanager
+def plain_numpy():
+    """Swap the kernel's numba loops and pyFFTW plans for plain numpy while inside."""
+    saved = (K._ncc_2d, K._score_1d_grid, K._fft)
+    K._ncc_2d, K._score_1d_grid, K._fft = _numpy_ncc_2d, _numpy_score_1d_grid, _NumpyFFT
+    try:
+        yield
+    finally:
+        K._ncc_2d, K._score_1d_grid, K._fft = saved
+
+
+def _micrographs() -> list[tuple[str, np.ndarray, float]]:
+    out = []
+    for name, px in (("epu2.9_example.mrc", 0.6666), ("fei-extended.mrc", 0.8538)):
+        p = SHARED / "mrcfile" / name
+        if p.is_file():
+            from cistem_mpi.io.mrc import read_mrc
+
+            img, _ = read_mrc(p, pixel_size=px)
+            out.append((name, np.asarray(img, np.float32).squeeze(), px))
+    if not out:
+        n, px = 4096, 0.6666
+        rng = np.random.default_rng(0)
+        ph = rng.normal(size=(n, n)).astype(np.float32) * 0.1
+        c = ctf_2d(n, px, 300.0, 2.7, 0.07, 18400.0, 17600.0, 35.0, 0.0, 60.0)
+        img = 1 + 2 * np.fft.irfft2(np.fft.rfft2(ph) * c, s=(n, n))
+        out.append(("simulated 4096^2", rng.poisson(np.clip(img, 0, None) * 40 * px * px).astype(np.float32), px))
+    return out
+
+
+def _time(fn, repeats: int) -> tuple[float, object]:
+    best, res = float("inf"), None
+    for _ in range(repeats):
+        t = time.process_time()
+        res = fn()
+        best = min(best, time.process_time() - t)
+    return best, res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    mics = _micrographs()
+    warm = mics[0][1][:1024, :1024]
+    K.estimate_ctf(warm, mics[0][2], 300.0, 2.7, 0.07, K.CtffindOptions(box=256))  # numba compile, FFT plans
+    K.estimate_ctf(warm, mics[0][2], 300.0, 2.7, 0.07, K.CtffindOptions(box=256, phase_plate=True))
+    print(f"{'micrograph':<22} {'search':<12} {'cistem-mpi s':>12} {'numpy s':>9} {'speed-up':>8}   "
+          "fit (DF1 DF2 ANGAST PSHIFT)")
+    for name, img, px in mics:
+        for label, opts in (("no phase", K.CtffindOptions()), ("phase 0-pi", K.CtffindOptions(phase_plate=True))):
+            t_ours, r = _time(lambda: K.estimate_ctf(img, px, 300.0, 2.7, 0.07, opts), a.repeats)
+            with plain_numpy():
+                t_np, rn = _time(lambda: K.estimate_ctf(img, px, 300.0, 2.7, 0.07, opts), 1)
+            scale = img.size / 4096 ** 2
+            print(f"{name:<22} {label:<12} {t_ours:12.2f} {t_np:9.2f} {t_np / t_ours:7.1f}x   "
+                  f"{r.df1:.0f} {r.df2:.0f} {r.angast:.1f} {r.pshift:.2f} (numpy: {rn.df1:.0f} {rn.df2:.0f})"
+                  f"  [{t_ours / scale:.2f} s per 4096^2]")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak memory (ru_maxrss): {rss:.0f} MB (includes the micrographs held in memory: "
+          f"{sum(m[1].nbytes for m in mics) / 2 ** 20:.0f} MB)")
+    print("ctffind 4.1, one core, same EPU files, box 512, no phase shift: 0.74 s and 1.17 s CPU "
+          "(measured by the issue author)")
+
+
+if __name__ == "__main__":
+    main()
