@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data of other programs, a new project, the local Slurm."""
+"""Shared fixtures: the real data of other programs (bundled and interop), a new project, the local Slurm."""
 
 from __future__ import annotations
 
@@ -10,16 +10,46 @@ import pytest
 import slurm_setup
 
 REPO = Path(__file__).resolve().parents[1]
-#: Real files written by other programs (read only): ../shared/data beside the checkout.
+#: Real files written by other programs under BSD-compatible licences, bundled in the
+#: repository (origin, licence and SHA-256 of each: tests/data/PROVENANCE.md).
+TEST_DATA = REPO / "tests" / "data"
+#: Real files under GPL or unclear licences, not in the repository (read only), for the
+#: interop tests (``make test-interop``): ../shared/data beside the checkout, or
+#: $CISTEM_MPI_SHARED_DATA.
 SHARED_DATA = Path(os.environ.get("CISTEM_MPI_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_itemcollected(item):
+    """A test that reads the shared data directory is an interop test, marked or not.
+
+    So ``make test`` (``-m "not interop"``) never skips for missing data, even for a new
+    test whose author forgot ``@pytest.mark.interop``.
+    """
+    if "shared_data" in getattr(item, "fixturenames", ()) and item.get_closest_marker("interop") is None:
+        item.add_marker(pytest.mark.interop)
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    """Path of ``tests/data``: bundled real files of other programs (always present)."""
+    return TEST_DATA
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path of ``shared/data``; tests that need it skip (with the reason) if it is absent."""
+    """Path of the shared data directory (interop tests only); skip with the reason if absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+        pytest.skip(f"shared test data not found at {SHARED_DATA} (set CISTEM_MPI_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def real_data(request) -> Path:
+    """For a test parametrized over both kinds of file: ``tests/data``, or the shared data
+    directory (skip if absent) for a parameter marked ``interop``."""
+    if request.node.get_closest_marker("interop") is not None:
+        return request.getfixturevalue("shared_data")
+    return TEST_DATA
 
 
 @pytest.fixture

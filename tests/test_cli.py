@@ -66,6 +66,7 @@ def test_debug_shows_the_traceback(project, tmp_path):
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 
+@pytest.mark.interop
 def test_import_volume_registers_an_imported_map(project, shared_data):
     src = shared_data / "relion_tests" / "ref_model.mrc"
     r = _run("import", "volume", "-p", str(project), str(src))

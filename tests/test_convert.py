@@ -19,6 +19,7 @@ def _run(*args: str) -> int:
         return main(["convert", *map(str, args)])
 
 
+@pytest.mark.interop
 def test_relion31_to_par_like_cistem_import(tmp_path, shared_data, capsys):
     out = tmp_path / "r.par"
     assert _run(shared_data / "cryodrgn/relion31.star", out) == 0
@@ -33,6 +34,7 @@ def test_relion31_to_par_like_cistem_import(tmp_path, shared_data, capsys):
     assert first[8:11] == ["13108.1", "12845.6", "-160.39"]
 
 
+@pytest.mark.interop
 def test_relion30_pixel_origins_to_par(tmp_path, shared_data):
     # PfCRT (RELION 3.0): OriginX -0.14063 px, OriginY -0.04688 px, 1.035 Å/px (DetectorPixelSize/Mag)
     out = tmp_path / "p.par"
@@ -70,6 +72,7 @@ def test_par_to_star_and_back(tmp_path, to, style, flavour):
             assert "_rlnImageSize" in text and s.optics[0].extra["rlnImageSize"] == 128
 
 
+@pytest.mark.interop
 def test_star_30_to_31(tmp_path, shared_data):
     out = tmp_path / "ap31.star"
     assert _run(shared_data / "relion_tests/ap_s_c2d_red.star", out, "--relion-style", "3.1") == 0
@@ -81,6 +84,7 @@ def test_star_30_to_31(tmp_path, shared_data):
     assert b.optics[0].pixel_size == pytest.approx(a.optics[0].pixel_size)
 
 
+@pytest.mark.interop
 def test_cryosparc_to_relion(tmp_path, shared_data):
     out = tmp_path / "cs.star"
     assert _run(shared_data / "cryodrgn/cryosparc_P12_J24_001_particles.cs", out) == 0

@@ -34,6 +34,7 @@ def _first_appearance(names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- real RELION files
 
 
+@pytest.mark.interop
 def test_relion_autopick_star(shared_data):
     path = shared_data / AUTOPICK
     labels, rows = star_loop(path, "")
@@ -51,6 +52,7 @@ def test_relion_autopick_star(shared_data):
     np.testing.assert_array_equal(pk.score, [float(v) for v in _col(labels, rows, "rlnAutopickFigureOfMerit")])
 
 
+@pytest.mark.interop
 def test_relion31_particles_grouped_by_micrograph(shared_data):
     """RELION 3.1 optics + particles: 1000 rows of 22 micrographs, no FOM column."""
     path = shared_data / "em-testdata/particles_1k.star"
@@ -73,6 +75,7 @@ def test_relion31_particles_grouped_by_micrograph(shared_data):
     assert (last.x[-1], last.y[-1]) == (281.0, 225.0)
 
 
+@pytest.mark.interop
 def test_relion31_block_order_and_names(shared_data):
     a = read_coordinates(shared_data / "cryodrgn/relion31.star")      # optics first
     b = read_coordinates(shared_data / "cryodrgn/relion31.v2.star")   # particles first
@@ -88,6 +91,7 @@ def test_relion31_block_order_and_names(shared_data):
 
 @pytest.mark.parametrize("rel, block, n", [("relion_tests/ap_s_c2d_red.star", "", 9),
                                            ("aspire/sample_relion_data.star", "model_class_1", 17)])
+@pytest.mark.interop
 def test_relion30_single_block_with_fom(shared_data, rel, block, n):
     """RELION 1.x/3.0 single table (unnamed or named block) with micrograph names and FOM."""
     path = shared_data / rel
@@ -100,6 +104,7 @@ def test_relion30_single_block_with_fom(shared_data, rel, block, n):
     np.testing.assert_array_equal(pk.score, [float(v) for v in _col(labels, rows, "rlnAutopickFigureOfMerit")])
 
 
+@pytest.mark.interop
 def test_relion30_many_micrographs_order(shared_data):
     """8915 particles of 15 micrographs: first-appearance order, every row kept once."""
     path = shared_data / "relion_tests/ap_s_c2d.star"
@@ -144,6 +149,7 @@ def _project_with_listed_files(root, list_path):
     return labels, rows
 
 
+@pytest.mark.interop
 def test_coordinate_list_resolved_in_cwd(shared_data, tmp_path, monkeypatch):
     lst = shared_data / "em-testdata/autopick.star"
     labels, rows = _project_with_listed_files(tmp_path, lst)
@@ -159,6 +165,7 @@ def test_coordinate_list_resolved_in_cwd(shared_data, tmp_path, monkeypatch):
         np.testing.assert_array_equal(p.score, direct.score)
 
 
+@pytest.mark.interop
 def test_coordinate_list_cwd_first_then_list_dir(shared_data, tmp_path, monkeypatch):
     lst = shared_data / "em-testdata/autopick.star"
     proj = tmp_path / "proj"
@@ -180,6 +187,7 @@ def test_coordinate_list_cwd_first_then_list_dir(shared_data, tmp_path, monkeypa
     assert len(picks[1]) == 195
 
 
+@pytest.mark.interop
 def test_coordinate_list_missing_file(shared_data, tmp_path, monkeypatch):
     lst = shared_data / "em-testdata/autopick.star"
     monkeypatch.chdir(tmp_path)
@@ -241,6 +249,7 @@ def test_header_only_files_are_micrographs_without_picks(tmp_path):
         assert pk.x.dtype == np.float64 and pk.micrograph == ""
 
 
+@pytest.mark.interop
 def test_star_content_detected_whatever_the_extension(shared_data, tmp_path):
     f = tmp_path / "picks.txt"
     f.write_text((shared_data / AUTOPICK).read_text())
@@ -292,6 +301,7 @@ def test_bad_input(tmp_path, monkeypatch, name, content, problem):
     assert msg.startswith(f"{f}: ")
 
 
+@pytest.mark.interop
 def test_not_a_coordinate_file_and_missing(shared_data, tmp_path):
     ctf = shared_data / "em-testdata/micrographs_ctf.star"
     with pytest.raises(InputError, match=r"micrographs_ctf\.star: not a coordinate file: no table with "

@@ -34,6 +34,7 @@ def test_relion_matrix_matches_scipy_zyz():
         np.testing.assert_allclose(relion_euler_to_matrix(*matrix_to_relion_euler(m)), m, atol=1e-12)
 
 
+@pytest.mark.interop
 def test_same_particles_as_star(shared_data):
     # empiar_10076_7.cs and .star hold the same 7 particles (CTF only)
     with warnings.catch_warnings():
@@ -52,6 +53,7 @@ def test_same_particles_as_star(shared_data):
     assert o.extra["rlnImageSize"] == 320
 
 
+@pytest.mark.interop
 def test_3d_alignments(shared_data):
     f = shared_data / "cryodrgn/cryosparc_P12_J24_001_particles.cs"
     s = read_cryosparc(f)
@@ -72,6 +74,7 @@ def test_3d_alignments(shared_data):
     np.testing.assert_allclose(got, ref, atol=2e-6)  # float32 angles
 
 
+@pytest.mark.interop
 def test_2d_alignments_and_exported_paths(shared_data):
     s = read_cryosparc(shared_data / "cryodrgn/cryosparc_J2_particles_exported.cs")
     assert len(s) == 22

@@ -55,6 +55,7 @@ def _header(input_file: str, n: int) -> str:
 # --------------------------------------------------------------------------- RELION
 
 
+@pytest.mark.interop
 def test_relion31_micrographs_ctf(shared_data):
     path = shared_data / "em-testdata/micrographs_ctf.star"
     labels, rows = star_loop(path, "micrographs")
@@ -78,6 +79,7 @@ def test_relion31_micrographs_ctf(shared_data):
     assert est[-1].micrograph == "MotionCorr/job002/Movies/20170629_00049_frameImage.mrc"
 
 
+@pytest.mark.interop
 def test_relion30_single_block_phase_shift_degrees_to_radians(shared_data, tmp_path):
     """A 3.0-style table built from the real file's first rows, plus a phase shift in degrees."""
     labels, rows = star_loop(shared_data / "em-testdata/micrographs_ctf.star", "micrographs")
@@ -93,6 +95,7 @@ def test_relion30_single_block_phase_shift_degrees_to_radians(shared_data, tmp_p
     assert [e.df1 for e in est] == [float(r[labels.index("rlnDefocusU")]) for r in rows[:3]]
 
 
+@pytest.mark.interop
 def test_relion31_block_order_does_not_matter(shared_data, tmp_path):
     text = (shared_data / "em-testdata/micrographs_ctf.star").read_text()
     k = text.index("# version 30001\n\ndata_micrographs")
@@ -179,6 +182,7 @@ def test_bad_input(tmp_path, name, content, problem):
     assert msg.startswith(f"{f}: ") and "\n" not in msg and problem in msg, msg
 
 
+@pytest.mark.interop
 def test_particle_star_and_missing_file(shared_data, tmp_path):
     with pytest.raises(InputError, match=r"relion31\.star: is a particle STAR"):
         read_ctf_estimates(shared_data / "cryodrgn/relion31.star")

@@ -64,6 +64,7 @@ def test_tiff_gain_matches_tiff_movie_orientation(tmp_path, gain):
     np.testing.assert_allclose(read_gain(g, reciprocal=True), gain, rtol=1e-6)
 
 
+@pytest.mark.interop
 def test_real_dm4_gain(shared_data):
     # dmTest_float32_nonSquare: 64 x 128 float32 image at byte 40512 (ncempy's dataOffset), rows 0..127 ramps
     f = shared_data / "openncem_dm/dmTest_float32_nonSquare_diffPixelSize.dm4"
@@ -75,6 +76,7 @@ def test_real_dm4_gain(shared_data):
     np.testing.assert_array_equal(read_gain(f, rotate=1), orient_gain(raw[::-1], 1))
 
 
+@pytest.mark.interop
 def test_3d_dm4_refused(shared_data):
     with pytest.raises(InputError, match="must be a 2D image"):
         read_gain(shared_data / "openncem_dm/dmTest_3D_int16_64,65,66.dm4")

@@ -77,25 +77,25 @@ def test_frames_are_read_lazily(tmp_path, counts):
             m[3]
 
 
-def test_real_multipage_tiff(shared_data):
+def test_real_multipage_tiff(test_data):
     # cylindra 13pf_MT.tif: 36 uncompressed uint8 pages 94 x 206; page 0 top-left 121, bottom-left 130,
     # bottom-right 125; last page top-right 109, bottom-left 109 (read with tifffile)
-    with open_movie(shared_data / "cylindra/13pf_MT.tif") as m:
+    with open_movie(test_data / "cylindra/13pf_MT.tif") as m:
         assert (len(m), m.shape, m.dtype) == (36, (36, 206, 94), np.uint8)
         f0, fl = m[0], m[35]
     assert (f0[-1, 0], f0[0, 0], f0[0, -1]) == (121, 130, 125)  # row 0 is the TIFF's bottom row
     assert (fl[-1, -1], fl[0, 0]) == (109, 109)
     assert int(f0.sum()) == 2053894 and int(fl.sum()) == 2050971
-    with open_movie(shared_data / "cylindra/14pf_MT.tif") as m:
+    with open_movie(test_data / "cylindra/14pf_MT.tif") as m:
         assert m.shape == (44, 136, 84)
         assert (m[0][-1, 0], m[0][0, 0], m[0][0, -1]) == (75, 146, 116)
 
 
-def test_tiff_raw_bytes_of_real_file(shared_data):
+def test_tiff_raw_bytes_of_real_file(test_data):
     # uncompressed page 0 starts at byte 704 (single strip): the first stored byte is the top-left pixel
-    raw = (shared_data / "cylindra/13pf_MT.tif").read_bytes()
+    raw = (test_data / "cylindra/13pf_MT.tif").read_bytes()
     page0 = np.frombuffer(raw, dtype=np.uint8, count=206 * 94, offset=704).reshape(206, 94)
-    with open_movie(shared_data / "cylindra/13pf_MT.tif") as m:
+    with open_movie(test_data / "cylindra/13pf_MT.tif") as m:
         np.testing.assert_array_equal(m[0], page0[::-1])
 
 
@@ -114,6 +114,7 @@ def test_mrc_movie(tmp_path, counts):
         np.testing.assert_array_equal(m[0:6], counts.astype(np.uint16))
 
 
+@pytest.mark.interop  # the whole 33 MB micrograph: not bundled
 def test_real_mrc_micrograph_as_movie(shared_data):
     with open_movie(shared_data / "mrcfile/epu2.9_example.mrc") as m:
         assert m.shape == (1, 4096, 4096) and m.dtype == np.uint16

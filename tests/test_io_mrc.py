@@ -60,10 +60,17 @@ REAL_MRC = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(REAL_MRC))
-def test_real_mrc_header_and_values(shared_data, name):
+#: Bundled in tests/data (BSD-3 / CC0); the others (GPL, unclear licence, or > 5 MB) are
+#: interop tests, read from the shared data directory.
+BUNDLED_MRC = {"cylindra/beta-tubulin.mrc", "mrcfile/EMD-3001.map", "mrcfile/emd_3001.map.gz",
+               "mrcfile/EMD-3197.map"}
+
+
+@pytest.mark.parametrize("name", [n if n in BUNDLED_MRC else pytest.param(n, marks=pytest.mark.interop)
+                                  for n in sorted(REAL_MRC)])
+def test_real_mrc_header_and_values(real_data, name):
     shape, mode, ps, first, last_first, last, origin = REAL_MRC[name]
-    path = shared_data / name
+    path = real_data / name
     hdr = read_mrc_header(path)
     assert hdr.shape == shape
     assert hdr.mode == mode
@@ -82,43 +89,48 @@ def test_real_mrc_header_and_values(shared_data, name):
     assert imgl.ravel()[-1] == np.float32(last)
 
 
-def test_fei_extended_headers(shared_data):
+def test_fei_extended_headers(test_data):
     # FEI2 (EPU 2.9) and FEI1: HT (V, double at ext+84), Dose (e/m², ext+92), Pixel size X (m, ext+156)
-    h2 = read_mrc_header(shared_data / "mrcfile/epu2.9_example.mrc")
+    # *_row0.mrc: the real files' header and extended header, with their first image row only
+    h2 = read_mrc_header(test_data / "mrcfile/epu2.9_example_row0.mrc")
     assert h2.exttyp == "FEI2"
     assert h2.extended["voltage"] == pytest.approx(300.0)
     assert h2.extended["pixel_size"] == pytest.approx(6.66551328021292e-11 * 1e10, rel=1e-9)
     assert h2.extended["dose"] == pytest.approx(4.1171286962508493e21 * 1e-20, rel=1e-9)
     assert h2.dtype == np.uint16
-    h1 = read_mrc_header(shared_data / "mrcfile/fei-extended.mrc")
+    h1 = read_mrc_header(test_data / "mrcfile/fei-extended_row0.mrc")
     assert h1.exttyp == "FEI1"
     assert h1.extended["voltage"] == pytest.approx(300.0)
     assert h1.extended["pixel_size"] == pytest.approx(8.537755225024313e-11 * 1e10, rel=1e-9)
     assert h1.extended["dose"] == pytest.approx(4.762483899112247e21 * 1e-20, rel=1e-9)
 
 
-def test_fei_pixel_size_used_when_main_header_unset(tmp_path, shared_data):
+def test_fei_pixel_size_used_when_main_header_unset(tmp_path, test_data):
     # copy the FEI2 header + extended header, zero the main header's cella: the FEI value must be used
-    raw = bytearray((shared_data / "mrcfile/epu2.9_example.mrc").read_bytes())
+    raw = bytearray((test_data / "mrcfile/epu2.9_example_row0.mrc").read_bytes())
     raw[40:52] = struct.pack("<3f", 0.0, 0.0, 0.0)
     f = tmp_path / "fei_unset.mrc"
     f.write_bytes(bytes(raw))
     assert read_mrc_header(f).pixel_size == pytest.approx(0.666551328021292, rel=1e-9)
 
 
-def test_axis_order_reordered_to_zyx(shared_data):
+def test_axis_order_reordered_to_zyx(test_data):
     # EMD-3001: MAPC, MAPR, MAPS = 3, 1, 2 -> columns are Z, rows X, sections Y.
     # raw floats #0, #1, #73 and #43*73 (struct) land at [0,0,0], [1,0,0], [0,0,1], [0,1,0]
     with pytest.warns(UserWarning, match="differs in x and y"):  # anisotropic MicroED map
-        data, ps = read_mrc(shared_data / "mrcfile/EMD-3001.map")
+        data, ps = read_mrc(test_data / "mrcfile/EMD-3001.map")
     assert data.shape == (73, 25, 43)
     assert ps == pytest.approx(0.44825000762939454, rel=1e-6)
     assert data[0, 0, 0] == np.float32(0.04283447191119194)
     assert data[1, 0, 0] == np.float32(0.02694716304540634)
     assert data[0, 0, 1] == np.float32(0.03755688667297363)
     assert data[0, 1, 0] == np.float32(-0.0055164373479783535)
-    gz, _ = read_mrc(shared_data / "mrcfile/emd_3001.map.gz", pixel_size=0.44825)
+    gz, _ = read_mrc(test_data / "mrcfile/emd_3001.map.gz", pixel_size=0.44825)
     np.testing.assert_array_equal(gz, data)
+
+
+@pytest.mark.interop
+def test_axis_order_2_1_3_reordered_to_zyx(shared_data):
     # 5i55_tiny: MAPC, MAPR, MAPS = 2, 1, 3 -> raw #1 is y=1, raw #8 is x=1
     tiny, _ = read_mrc(shared_data / "gemmi/5i55_tiny.ccp4", pixel_size=0.49083334)
     assert tiny.shape == (10, 8, 6)
@@ -126,7 +138,8 @@ def test_axis_order_reordered_to_zyx(shared_data):
     assert tiny[0, 0, 1] == np.float32(-0.09155832231044769)
 
 
-def test_pixel_size_rules(shared_data):
+@pytest.mark.interop
+def test_pixel_size_rules_unset_headers(shared_data):
     f1 = shared_data / "cryodrgn/relion31.mrcs"  # header says 1 (unset); true 2.806
     with pytest.warns(UserWarning, match="unset"):
         _, ps = read_mrc(f1, pixel_size=2.806)
@@ -134,15 +147,19 @@ def test_pixel_size_rules(shared_data):
     with pytest.warns(UserWarning, match="unset"):
         _, ps = read_mrc(shared_data / "relion_tests/ref_shifted_image.mrc")  # header 0, nothing given
     assert ps == 0.0
+
+
+def test_pixel_size_rules(test_data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a real header value and no user value: silent
-        _, ps = read_mrc(shared_data / "cylindra/beta-tubulin.mrc")
+        _, ps = read_mrc(test_data / "cylindra/beta-tubulin.mrc")
     assert ps == pytest.approx(5.144, rel=1e-6)
     with pytest.warns(UserWarning, match="differs"):
-        _, ps = read_mrc(shared_data / "cylindra/beta-tubulin.mrc", pixel_size=5.0)
+        _, ps = read_mrc(test_data / "cylindra/beta-tubulin.mrc", pixel_size=5.0)
     assert ps == 5.0
 
 
+@pytest.mark.interop
 def test_anisotropic_header_warns(shared_data):
     # FreeHand parts.mrcs: cell/mx = 90.34375 but cell/my = 107.25 (scanner values, not a pixel size)
     with pytest.warns(UserWarning, match="differs in x and y"):

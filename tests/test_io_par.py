@@ -15,6 +15,7 @@ LINE1 = "      1   12.50   90.00  359.99     -3.25      4.75       0     1  1500
 LINE2 = "      2  -45.10  170.02    0.01   1234.56  -9876.54   10000    -3  25000.4  24999.9  -89.99    0.00   33.33   1234567    12.3456   -0.50   -1.00"
 
 
+@pytest.mark.interop
 def test_real_12_column_freehand_par(shared_data):
     # parts-15_128x128f.par: "No PSI THETA PHI SHX SHY MAG FILM DF1 DF2 ANGAST CCMax", 50 lines, read by eye
     p = read_par(shared_data / "freehand_atpsynthase/parts-15_128x128f.par")

@@ -1,4 +1,4 @@
-"""STAR files: every real particle STAR in shared/data, conversions, round trips.
+"""STAR files: every real particle STAR in tests/data and shared/data, conversions, round trips.
 
 Expected values were read by eye from the files' text (columns named in the
 comments); none come from our reader.
@@ -18,12 +18,18 @@ from cistem_mpi.io.params import PAR_COLUMNS, Optics, ParticleSet, empty_params
 from cistem_mpi.io.star import detect_star_flavour, read_star, write_cistem_star, write_relion_star
 
 
+#: Files under GPL or unclear licences are read from the shared data directory (interop tests);
+#: the BSD-3 starfile ones are bundled in tests/data.
+INTEROP = pytest.mark.interop
+
+
 def _read(path, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return read_star(path, **kw)
 
 
+@pytest.mark.interop
 def test_relion31_star(shared_data):
     s = _read(shared_data / "cryodrgn/relion31.star")
     assert len(s) == 5 and len(s.optics) == 1
@@ -47,6 +53,7 @@ def test_relion31_star(shared_data):
     assert detect_star_flavour(shared_data / "cryodrgn/relion31.star") == "relion3.1"
 
 
+@pytest.mark.interop
 def test_block_order_does_not_matter(shared_data):
     a = _read(shared_data / "cryodrgn/relion31.star")
     b = _read(shared_data / "cryodrgn/relion31.v2.star")  # data_particles before data_optics
@@ -55,6 +62,7 @@ def test_block_order_does_not_matter(shared_data):
     assert a.optics[0].pixel_size == b.optics[0].pixel_size == 2.806
 
 
+@pytest.mark.interop
 def test_six_optics_groups(shared_data):
     s = _read(shared_data / "cryodrgn/relion31.6opticsgroups.star")
     assert len(s) == 139 and len(s.optics) == 6
@@ -74,6 +82,7 @@ def test_six_optics_groups(shared_data):
     assert s.optics[0].extra["rlnOddZernike"][0] == pytest.approx(1.70554063513)
 
 
+@pytest.mark.interop
 def test_relion5_arrays(shared_data):
     s = _read(shared_data / "cryodrgn/relion5.star")
     assert len(s) == 17
@@ -89,6 +98,7 @@ def test_relion5_arrays(shared_data):
     assert s.params[-1]["position"] == 6  # "6@toy_images_b.mrcs"
 
 
+@pytest.mark.interop
 def test_relion30_pixels_and_magnification(shared_data):
     # PfCRT: RELION 3.0.6 data_images, DetectorPixelSize 1.035 µm / Mag 10000 -> 1.035 Å; OriginX/Y in pixels
     s = _read(shared_data / "cryodrgn/FinalRefinement-OriginalParticles-PfCRT.star")
@@ -101,6 +111,7 @@ def test_relion30_pixels_and_magnification(shared_data):
     assert detect_star_flavour(shared_data / "cryodrgn/FinalRefinement-OriginalParticles-PfCRT.star") == "relion3.0"
 
 
+@pytest.mark.interop
 def test_relion1_ap_s_c2d(shared_data):
     s = _read(shared_data / "relion_tests/ap_s_c2d.star")
     assert len(s) == 8915 and len(s.optics) == 1
@@ -123,30 +134,31 @@ def test_relion1_ap_s_c2d(shared_data):
 @pytest.mark.parametrize(
     "name,n,pixel,first_psi",
     [
-        ("cryodrgn/empiar_10076_7.star", 7, 5 * 1e4 / 38168, 0.0),
-        ("cryodrgn/sta_testing_bin8.star", 219, 1.96, -95.35435),
-        ("cryodrgn/sta_testing.star", 219, 1.96, -95.35435),
-        ("aspire/sample_relion_data.star", 17, 5 * 1e4 / 37369.2, None),
-        ("aspire/sample_particles_relion30.star", 17, 5 * 1e4 / 37369.2, None),
-        ("aspire/sample_relion_one_image.star", 1, 5 * 1e4 / 37369.2, None),
-        ("aspire/sample_relion_symmetry_group_D4.star", 17, 5 * 1e4 / 37369.2, None),
-        ("aspire/sample_particles_relion31.star", 17, 1.4, None),
-        ("aspire/rln_proj_64_centered.star", 4, 1.0, None),
-        ("relion_tests/ap_s_c2d_red.star", 9, 14 * 1e4 / 39548, -155.161676),
-        ("relion_tests/out_it005_data.star", 9, 14 * 1e4 / 39548, None),
-        ("em-testdata/particles_1k.star", 1000, 1.36793, 0.0),
-        ("em-testdata/run_it025_data.star", 4786, 3.54, -53.06426),
+        pytest.param("cryodrgn/empiar_10076_7.star", 7, 5 * 1e4 / 38168, 0.0, marks=INTEROP),
+        pytest.param("cryodrgn/sta_testing_bin8.star", 219, 1.96, -95.35435, marks=INTEROP),
+        pytest.param("cryodrgn/sta_testing.star", 219, 1.96, -95.35435, marks=INTEROP),
+        pytest.param("aspire/sample_relion_data.star", 17, 5 * 1e4 / 37369.2, None, marks=INTEROP),
+        pytest.param("aspire/sample_particles_relion30.star", 17, 5 * 1e4 / 37369.2, None, marks=INTEROP),
+        pytest.param("aspire/sample_relion_one_image.star", 1, 5 * 1e4 / 37369.2, None, marks=INTEROP),
+        pytest.param("aspire/sample_relion_symmetry_group_D4.star", 17, 5 * 1e4 / 37369.2, None, marks=INTEROP),
+        pytest.param("aspire/sample_particles_relion31.star", 17, 1.4, None, marks=INTEROP),
+        pytest.param("aspire/rln_proj_64_centered.star", 4, 1.0, None, marks=INTEROP),
+        pytest.param("relion_tests/ap_s_c2d_red.star", 9, 14 * 1e4 / 39548, -155.161676, marks=INTEROP),
+        pytest.param("relion_tests/out_it005_data.star", 9, 14 * 1e4 / 39548, None, marks=INTEROP),
+        pytest.param("em-testdata/particles_1k.star", 1000, 1.36793, 0.0, marks=INTEROP),
+        pytest.param("em-testdata/run_it025_data.star", 4786, 3.54, -53.06426, marks=INTEROP),
         ("starfile/one_loop.star", 16, 5.0, None),
     ],
 )
-def test_real_particle_stars(shared_data, name, n, pixel, first_psi):
-    s = _read(shared_data / name)
+def test_real_particle_stars(real_data, name, n, pixel, first_psi):
+    s = _read(real_data / name)
     assert len(s) == n
     assert s.pixel_sizes()[0] == pytest.approx(pixel, rel=1e-6)
     if first_psi is not None:
         assert s.params[0]["psi"] == pytest.approx(first_psi, abs=1e-4)
 
 
+@pytest.mark.interop
 def test_sta_last_row(shared_data):
     # last line: ... 21336.0 20843.6 -5.8 000219@... Rot -55.24480 Tilt 33.46104 Psi 107.80600
     s = _read(shared_data / "cryodrgn/sta_testing_bin8.star")
@@ -157,6 +169,7 @@ def test_sta_last_row(shared_data):
     assert s.extra["rlnCtfBfactor"][-1] == -312.0
 
 
+@pytest.mark.interop
 def test_shifted_projection_origins_in_pixels_with_optics(shared_data):
     # rln_proj_64_shifted.star: optics 1 Å/px; rlnOriginX/Y (px) = (6, 10), (10, -5), (-8, 11), (-13, -3)
     s = _read(shared_data / "aspire/rln_proj_64_shifted.star")
@@ -164,20 +177,24 @@ def test_shifted_projection_origins_in_pixels_with_optics(shared_data):
     np.testing.assert_allclose(s.params["shy"], [-10, 5, -11, 3])
 
 
-@pytest.mark.parametrize("name", ["relion_tests/out_it005_model.star", "starfile/postprocess.star",
-                                  "em-testdata/default_pipeline.star", "em-testdata/micrographs_ctf.star",
-                                  "aspire/run_001_it025_optimiser.star"])
-def test_non_particle_stars_are_refused(shared_data, name):
+@pytest.mark.parametrize("name", [pytest.param("relion_tests/out_it005_model.star", marks=INTEROP),
+                                  "starfile/postprocess.star",
+                                  pytest.param("em-testdata/default_pipeline.star", marks=INTEROP),
+                                  pytest.param("em-testdata/micrographs_ctf.star", marks=INTEROP),
+                                  pytest.param("aspire/run_001_it025_optimiser.star", marks=INTEROP)])
+def test_non_particle_stars_are_refused(real_data, name):
     with pytest.raises(InputError, match="no particle table"):
-        read_star(shared_data / name)
+        read_star(real_data / name)
 
 
+@pytest.mark.interop
 def test_missing_ctf_value_warns(shared_data):
     with pytest.warns(UserWarning, match="rlnVoltage missing"):
         s = read_star(shared_data / "aspire/sample_incomplete_ctf_params.star")
     assert s.optics[0].voltage == 300.0
 
 
+@pytest.mark.interop
 def test_user_pixel_size_replaces_file_value(shared_data):
     with pytest.warns(UserWarning, match="replaced"):
         s = read_star(shared_data / "cryodrgn/relion31.star", pixel_size=1.4)
@@ -238,6 +255,7 @@ def test_bad_stars_name_file_and_problem(tmp_path, text, fragment):
     assert str(e.value).startswith(str(f)) and fragment in str(e.value), str(e.value)
 
 
+@pytest.mark.interop
 def test_required_column(tmp_path, shared_data):
     with pytest.raises(InputError, match=r"_rlnAngleRot missing in data_particles"):
         read_star(shared_data / "em-testdata/particles_1k.star", required=["rlnAngleRot"])
@@ -284,6 +302,7 @@ def test_par_star_par_round_trip_keeps_every_value(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("style", ["3.1", "3.0"])
+@pytest.mark.interop
 def test_relion_star_par_star_round_trip(tmp_path, shared_data, style):
     """RELION star -> .par -> star: every value survives at .par precision, exactly thereafter."""
     src = _read(shared_data / "cryodrgn/relion31.6opticsgroups.star")
@@ -307,6 +326,7 @@ def test_relion_star_par_star_round_trip(tmp_path, shared_data, style):
     np.testing.assert_array_equal(back.extra["rlnCoordinateX"], src.extra["rlnCoordinateX"])
 
 
+@pytest.mark.interop
 def test_relion_star_to_star_keeps_optics_and_extra(tmp_path, shared_data):
     src = _read(shared_data / "cryodrgn/relion5.star")
     out = tmp_path / "r5.star"

@@ -92,6 +92,7 @@ def test_accumulated_transform_is_hermitian_on_the_kx0_plane():
 
 
 @pytest.mark.parametrize("method", ["linear", "nearest"])
+@pytest.mark.interop
 def test_reconstruction_from_noise_free_projections(map32, method):
     rng = np.random.default_rng(4)
     r = random_rotations(1500, rng)
@@ -106,6 +107,7 @@ def test_reconstruction_from_noise_free_projections(map32, method):
         assert abs(raw.std() / map32.std() - 1) > abs(rec.std() / map32.std() - 1)
 
 
+@pytest.mark.interop
 def test_ctf_weighted_reconstruction_with_shifts(map32):
     rng = np.random.default_rng(5)
     n, ps, k = 32, 3.0, 1500

@@ -64,6 +64,7 @@ def _real_space_projection(vol, m):
 
 @pytest.mark.parametrize("method,min_cc,scale_tol", [("linear", 0.999, 0.01), ("cubic", 0.9995, 0.005),
                                                      ("nearest", 0.95, 0.05)])
+@pytest.mark.interop
 def test_fourier_slice_matches_real_space_projection(ribosome, method, min_cc, scale_tol):
     for angles in [(30, 50, 70), (-120, 150, 10)]:
         m = rotation_matrix(*angles)
@@ -73,6 +74,7 @@ def test_fourier_slice_matches_real_space_projection(ribosome, method, min_cc, s
         assert abs(got.std() / ref.std() - 1) < scale_tol  # same scale (gridding correction)
 
 
+@pytest.mark.interop
 def test_numba_and_numpy_extraction_identical(ribosome):
     vft = prepare_volume_ft(ribosome[:32, :32, :32], 2.0)
     r = rotation_matrix([10, 200, -50], [20, 90, 170], [0, 45, 300])
@@ -81,6 +83,7 @@ def test_numba_and_numpy_extraction_identical(ribosome):
     assert np.allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(a).max())
 
 
+@pytest.mark.interop
 def test_relion_projections_centered_set(shared_data, ribosome64):
     """RELION 2024 relion_project images: angles carry over unchanged (phi=rot, theta=tilt)."""
     imgs = _read(shared_data / "aspire" / "rln_proj_64_centered.mrcs")
@@ -95,6 +98,7 @@ def test_relion_projections_centered_set(shared_data, ribosome64):
     assert max(_cc(a, b) for a, b in zip(wrong, imgs)) < 0.6
 
 
+@pytest.mark.interop
 def test_relion_projections_older_set(shared_data, ribosome64):
     imgs = _read(shared_data / "aspire" / "rln_proj_64.mrcs")
     p = _star_particles(shared_data / "aspire" / "rln_proj_64.star")
@@ -104,6 +108,7 @@ def test_relion_projections_older_set(shared_data, ribosome64):
     assert min(ccs) >= 0.94
 
 
+@pytest.mark.interop
 def test_shift_sign_proven_on_relion_shifted_set(shared_data, ribosome64):
     """Particle = projection moved by +SHX/pixel with SHX = -rlnOriginX * pixel."""
     imgs = _read(shared_data / "aspire" / "rln_proj_64_shifted.mrcs")
@@ -128,6 +133,7 @@ def test_phase_shift_moves_content_by_plus_dx():
     assert abs(half[16, 16] - half[16, 17]) < 1e-6  # symmetric between the two pixels
 
 
+@pytest.mark.interop
 def test_max_radius_and_image_size(ribosome64):
     vft = prepare_volume_ft(ribosome64)
     s = extract_slices(vft, rotation_matrix(0, 0, 0)[None], max_radius=10)
