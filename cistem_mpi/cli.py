@@ -86,15 +86,85 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _Unset:
+    """Default of every option while finding which options a command line gives."""
+
+    def __repr__(self) -> str:  # pragma: no cover - never shown
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
+def _explicit_options(command: str | None, argv: list[str]) -> set[str]:
+    """Destinations of the options given on ``argv`` (not left at their defaults).
+
+    Parses ``argv`` a second time with every default replaced by a marker;
+    whatever is not the marker was given.  ``--resume`` uses it to tell an
+    option the user repeats from one that contradicts the killed job.
+    """
+    parser = build_parser(command)
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif action.dest not in ("help", "version") and action.default is not argparse.SUPPRESS:
+                # append-type actions copy their default: keep None (their usual default) for them
+                action.default = None if isinstance(action, argparse._AppendAction) else _UNSET
+                action.required = False
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit:  # pragma: no cover - the first parse accepted the same argv
+        return set()
+    return {k for k, v in vars(ns).items() if v is not _UNSET and v is not None}
+
+
+def _plain_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings reach the user as one plain line (no source path, no code line)."""
+    try:
+        (file or sys.stderr).write(f"warning: {message}\n")
+    except (OSError, ValueError):  # pragma: no cover - stderr gone
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
+    import sqlite3
+    import warnings
+
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not debug:
+        warnings.showwarning = _plain_warning
     try:
-        parser = build_parser(_command_in(argv))
+        command = _command_in(argv)
+        parser = build_parser(command)
         args = parser.parse_args(argv)
+        if getattr(args, "resume", None) is not None:
+            args._explicit = _explicit_options(command, argv)
         rc = args.func(args)
+        sys.stdout.flush()
         return int(rc or 0)
+    except BrokenPipeError:
+        # the reader went away (`status | head`): not an error; keep Python from complaining at exit
+        import os
+
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:  # pragma: no cover
+            pass
+        return 0
+    except sqlite3.DatabaseError as exc:
+        if debug:
+            traceback.print_exc()
+        from cistem_mpi.db.connection import database_error_line
+
+        line, code = database_error_line(exc)
+        sys.stderr.write(f"error: {line}\n")
+        return code
     except CistemError as exc:
         if exc.quiet:  # another rank reports it (a worker stopped for rank 0's bad input)
             return exc.exit_code

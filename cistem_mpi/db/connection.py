@@ -9,6 +9,8 @@ the controller (MPI rank 0) ever opens the database for writing.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,9 @@ from cistem_mpi.errors import InputError
 
 #: Milliseconds a connection waits for a lock before giving up.
 BUSY_TIMEOUT_MS = 60_000
+
+#: The database this process opened last (named in one-line database errors).
+_last_path: Path | None = None
 
 
 def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
@@ -39,6 +44,16 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     path = Path(path)
     if not path.exists():
         raise InputError(path, "project database not found")
+    global _last_path
+    _last_path = path
+    if not readonly:
+        real = path.resolve()
+        if not os.access(real, os.W_OK):
+            raise InputError(real, "the project database is read-only (no write permission); "
+                                   "only `status` and `project info/check` work on a read-only project")
+        if not os.access(real.parent, os.W_OK | os.X_OK):
+            raise InputError(real.parent, "the database's directory is read-only (SQLite writes its journal "
+                                          "there); only `status` and `project info/check` work")
     uri = f"file:{path.resolve()}?mode={'ro' if readonly else 'rw'}"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -53,6 +68,11 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
             conn.execute("PRAGMA synchronous = FULL")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
+        low = str(exc).lower()
+        if "malformed" in low or "corrupt" in low:
+            raise InputError(path.resolve(), f"the database file is damaged ({exc}); restore it from a backup, or "
+                                             f"rescue what is left with `sqlite3 {path.resolve()} .recover | "
+                                             f"sqlite3 recovered.db`") from exc
         raise InputError(path, f"not a usable SQLite database ({exc})") from exc
     return conn
 
@@ -79,7 +99,37 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite rolls back by itself on e.g. a full disk
+            conn.execute("ROLLBACK")
         raise
     else:
         conn.execute("COMMIT")
+
+
+def database_error_line(exc: BaseException) -> tuple[str, int]:
+    """One line and an exit code for an SQLite error that reached the command line.
+
+    A damaged file (``database disk image is malformed``) names the database
+    and what to do; a read-only file or a full disk say so (exit 2: the
+    project, not the program, needs attention).
+    """
+    where = str(_last_path.resolve()) if _last_path is not None else "project database"
+    text = str(exc)
+    low = text.lower()
+    if "malformed" in low or "not a database" in low or "corrupt" in low:
+        return (f"{where}: the database file is damaged ({text}); restore it from a backup, or rescue what is "
+                f"left with `sqlite3 {where} .recover | sqlite3 recovered.db` and put recovered.db in its place", 2)
+    if "readonly" in low or "read-only" in low:
+        return f"{where}: the project database is read-only ({text})", 2
+    if "disk is full" in low or "disk full" in low:
+        return f"{where}: disk full writing the project database ({text}); free space and run the job again", 2
+    if "locked" in low:
+        return f"{where}: the database stayed locked by another process ({text}); try again", 2
+    return f"{where}: database error: {text}", 2
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT (``OSError``) or SQLite's ``database or disk is full``."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()

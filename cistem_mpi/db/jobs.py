@@ -213,3 +213,34 @@ def mark_dead_jobs(conn: sqlite3.Connection) -> list[int]:
     for job_id in dead:
         end_job(conn, job_id, "failed", "process died without finishing (killed?)")
     return dead
+
+
+def finished_staged_outputs(conn: sqlite3.Connection, key: str = "staged_outputs") -> list[tuple[int, list]]:
+    """``(job id, [[staged, final], ...])`` of every finished job that recorded staged outputs."""
+    out = []
+    for row in conn.execute("SELECT id, result FROM jobs WHERE status = 'finished' AND result LIKE ?",
+                            (f'%"{key}"%',)):
+        try:
+            pairs = json.loads(row["result"]).get(key) or []
+        except ValueError:
+            continue
+        out.append((int(row["id"]), [tuple(p) for p in pairs]))
+    return out
+
+
+def job_states(conn: sqlite3.Connection) -> dict[int, str]:
+    """Job id -> shown status (:func:`liveness`), for every job."""
+    return {int(r["id"]): liveness(r) for r in conn.execute("SELECT * FROM jobs")}
+
+
+def relocate_job_paths(conn: sqlite3.Connection, old_root: str, new_root: str) -> int:
+    """A moved project: job log and scratch paths under ``old_root`` now under ``new_root``."""
+    old = old_root.rstrip("/") + "/"
+    new = new_root.rstrip("/") + "/"
+    n = 0
+    with transaction(conn):
+        for col in ("log_path", "scratch_path"):
+            cur = conn.execute(f"UPDATE jobs SET {col} = ? || substr({col}, ?) WHERE {col} LIKE ? ESCAPE '\\'",
+                               (new, len(old) + 1, old.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"))
+            n += cur.rowcount
+    return n

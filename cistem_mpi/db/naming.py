@@ -66,3 +66,31 @@ def volume_display_name(kind: str, run: int, class_number: int, round_number: in
 def orth_view_name(volume_file: str) -> str:
     """OrthViews file for a volume: same name, in ``Assets/Volumes/OrthViews``."""
     return f"{ASSET_DIRS['orth_views']}/{volume_file}"
+
+
+def asset_path_taken(conn: sqlite3.Connection, table: str, stored_path: str) -> bool:
+    """True when a registered row of ``table`` has ``path = stored_path``.
+
+    Names are claimed by the database, not by the file system: a file left
+    under an asset's name by a killed job (never registered) does not block
+    the name; the job that registers it overwrites the file.
+
+    >>> import sqlite3
+    >>> c = sqlite3.connect(":memory:"); _ = c.execute("CREATE TABLE volumes(path TEXT)")
+    >>> asset_path_taken(c, "volumes", "Assets/Volumes/volume_1_1.mrc")
+    False
+    """
+    if table not in ("volumes", "particle_stacks", "class_averages", "classifications_2d"):
+        raise ValueError(f"no asset paths in table {table!r}")
+    row = conn.execute(f"SELECT 1 FROM {table} WHERE path = ? LIMIT 1", (stored_path,)).fetchone()
+    return row is not None
+
+
+def stack_path_taken(conn: sqlite3.Connection, path, directory) -> bool:
+    """True when a registered particle stack has this file (stored relative or absolute)."""
+    from pathlib import Path
+
+    p = Path(path)
+    rel = f"{ASSET_DIRS['particle_stacks']}/{p.name}"
+    row = conn.execute("SELECT 1 FROM particle_stacks WHERE path IN (?, ?) LIMIT 1", (rel, str(p))).fetchone()
+    return row is not None

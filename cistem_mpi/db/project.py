@@ -153,9 +153,21 @@ class Project:
             conn.close()
             raise InputError(link, "database has no cistem-mpi schema")
         if not readonly:
+            for d in (root, root / "Assets", root / "Logs"):
+                if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+                    conn.close()
+                    raise InputError(d, "is read-only (no write permission or a read-only mount); "
+                                        "only `status` and `project info/check` work on a read-only project")
             schema.migrate(conn)
-            if project.setting("project_dir") != str(root):
+            old_root = project.setting("project_dir")
+            if old_root != str(root):  # the project was moved: record where everything is now
                 project.set_setting("project_dir", str(root))
+                if old_root:
+                    from cistem_mpi.db.jobs import relocate_job_paths
+
+                    relocate_job_paths(conn, old_root, str(root))
+            if project.setting("database_path") != str(project.db_path):
+                project.set_setting("database_path", str(project.db_path))
         elif ver < schema.LATEST_VERSION:
             conn.close()
             raise InputError(link, f"database schema version {ver} is old; open it once without --readonly to upgrade")
@@ -221,6 +233,21 @@ class Project:
                     if not resolved.exists():
                         missing.append(MissingAsset(table, int(row[0]), col, row[1], resolved))
         return missing
+
+    def registered_files(self) -> set[Path]:
+        """Every file a registered row points at (any ``*path*``/map column of an asset table), resolved."""
+        out: set[Path] = set()
+        tables = [r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            if table in ("jobs", "settings") or table.startswith("sqlite_"):
+                continue
+            cols = [r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")]
+            for col in cols:
+                if "path" in col or col in PATH_COLUMNS.get(table, ()):
+                    for (v,) in self.conn.execute(f"SELECT {col} FROM {table} WHERE {col} IS NOT NULL AND {col} != ''"):
+                        if isinstance(v, str):
+                            out.add(Path(os.path.abspath(self.resolve(v))))
+        return out
 
     def info(self) -> dict[str, object]:
         """Summary for ``project info``."""

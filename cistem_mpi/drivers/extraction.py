@@ -164,6 +164,8 @@ def cut_micrograph(path: str, x0: np.ndarray, y0: np.ndarray, box: int, invert: 
 
     data, _ = read_mrc(path, pixel_size=pixel_size)
     img = data[0] if data.ndim == 3 else data
+    if not np.isfinite(img).all():
+        raise InputError(path, "micrograph contains NaN or infinite values")
     img = replace_outliers(img, 6.0)
     boxes = normalise_boxes(cut_boxes(img, x0, y0, box, edge_mean(img)))
     if invert:

@@ -72,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--params", action="append", required=True,
                    help="Frealign X .par, cisTEM or RELION .star, cryoSPARC .cs; repeat once per class")
     optics(s, required=False)
+    add_contrast_arguments(s)
     s.add_argument("--symmetry", default="C1")
     s.add_argument("--name", help="refinement package name (default: stack file name)")
     s.add_argument("--molecular-weight", type=float, help="kDa")
@@ -84,6 +85,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--pixel-size", type=float)
     v.add_argument("--name", help="display name (default: file name)")
     v.set_defaults(func=lambda a: run_job(a, "import", _import_volume))
+
+
+def add_contrast_arguments(p: argparse.ArgumentParser) -> None:
+    """``--protein-is-white`` / ``--protein-is-dark``: the contrast of a particle stack."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--protein-is-white", dest="protein_is_white", action="store_const", const=True,
+                   help="the stack has protein white (RELION's convention; the default with RELION .star "
+                        "parameters): images are inverted when read")
+    g.add_argument("--protein-is-dark", dest="protein_is_white", action="store_const", const=False,
+                   help="the stack has protein dark (cisTEM's convention; the default with .par, cisTEM .star, .cs)")
+
+
+def protein_is_white_for(a: dict, params: list[Path]) -> bool:
+    """The contrast of a stack imported with parameter files ``params``.
+
+    ``--protein-is-white``/``--protein-is-dark`` decide when given; else a
+    RELION ``.star`` means protein white (RELION extracts so), unless the
+    file states its contrast (our exports do), and anything else means
+    protein dark (cisTEM).  Files that disagree are an error.
+    """
+    given = a.get("protein_is_white")
+    if given is not None:
+        return bool(given)
+    from cistem_mpi.io.star import star_protein_is_white
+
+    votes = {}
+    for path in params:
+        votes[path] = star_protein_is_white(path) if Path(path).suffix.lower() == ".star" else False
+    if len(set(votes.values())) > 1:
+        raise InputError("--protein-is-white", "the parameter files imply different contrasts (RELION .star: "
+                                               "protein white; others: dark); say which with --protein-is-white "
+                                               "or --protein-is-dark")
+    return bool(next(iter(votes.values()), False))
 
 
 def _existing(path: str) -> Path:
@@ -106,6 +140,7 @@ def _import_movies(ctx: JobContext) -> dict:
         gain_path = _existing(a["gain"])
         gain = read_gain(gain_path, rotate=a["gain_rotate"] // 90, flip_x=a["gain_flip_x"], flip_y=a["gain_flip_y"])
     files = [_existing(f) for f in a["files"]]
+    _no_duplicates(ctx, files, "movies")
     for n, path in enumerate(files, 1):
         movie = open_movie(path, eer_fractions=a["eer_fractions"], eer_upsampling=a["eer_upsampling"])
         try:
@@ -135,18 +170,35 @@ def _import_images(ctx: JobContext) -> dict:
 
     a = ctx.args
     files = [_existing(f) for f in a["files"]]
+    _no_duplicates(ctx, files, "images")
     for n, path in enumerate(files, 1):
         with open_stack(path, pixel_size=a["pixel_size"]) as img:
             if len(img) != 1:
                 raise InputError(path, f"expected one image, found {len(img)} sections")
             ny, nx = img.shape[-2:]
-            pixel_size = _pixel_size(path, img.pixel_size, a["pixel_size"])
+            pixel_size = _pixel_size(path, img.header.pixel_size, a["pixel_size"])
         ctx.register(
             "images", path=str(path), name=path.stem, nx=nx, ny=ny, pixel_size=pixel_size,
             voltage=a["voltage"], cs=a["cs"], amplitude_contrast=a["amplitude_contrast"],
         )
         ctx.progress(n, len(files))
     return {"images": len(files)}
+
+
+def _no_duplicates(ctx: JobContext, files: list[Path], table: str) -> None:
+    """The same file twice on the command line, or a file already imported: an InputError."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        key = str(path.resolve())
+        if key in seen:
+            raise InputError(path, "given twice on the command line")
+        seen[key] = path
+    assert ctx.project is not None
+    rows = ctx.project.conn.execute(f"SELECT id, path FROM {table}").fetchall()
+    known = {str(ctx.project.resolve(r["path"]).resolve()): int(r["id"]) for r in rows}
+    for key, path in seen.items():
+        if key in known:
+            raise InputError(path, f"already imported (as {table[:-1]} #{known[key]})")
 
 
 def _pixel_size(path: Path, from_file: float | None, from_user: float | None) -> float:
@@ -371,13 +423,24 @@ def _import_particles(ctx: JobContext) -> dict:
         for o in s.optics:
             if abs(o.pixel_size - pixel_size) > PIXEL_SIZE_TOLERANCE:
                 raise InputError(p, f"pixel size {o.pixel_size} Å does not match {pixel_size} Å")
-    check_header_pixel_size(stack_path, header_ps, pixel_size)
+        for o in s.optics:  # RELION's box size must be the stack's
+            size = o.extra.get("rlnImageSize") if o.extra else None
+            if size is not None and int(float(size)) != nx:
+                raise InputError(p, f"_rlnImageSize is {int(float(size))} but the stack's images are {nx}x{ny}")
+    if a["pixel_size"] is None:
+        # header and metadata disagree: an error unless the pixel size is given explicitly
+        check_header_pixel_size(stack_path, header_ps, pixel_size)
+    white = protein_is_white_for(a, [Path(p) for p in a["params"]])
+    if white:
+        ctx.log.info("%s: protein white (RELION's convention%s): images are inverted when read", stack_path.name,
+                     "" if a.get("protein_is_white") else "; --protein-is-dark if not")
     optics = sets[0].optics[0]
     conn = ctx.project.conn
     run = naming.next_refinement_run(conn)
     stack_row = ctx.register(
         "particle_stacks", path=str(stack_path), name=stack_path.stem, n_particles=n, box=nx, pixel_size=pixel_size,
         voltage=optics.voltage, cs=optics.cs, amplitude_contrast=optics.amplitude_contrast,
+        protein_is_white=int(white),
     )
     n_classes = len(sets)
     package = ctx.register(
@@ -391,14 +454,16 @@ def _import_particles(ctx: JobContext) -> dict:
     param_dir = ctx.project.root / naming.ASSET_DIRS["parameters"]
     for c, s in enumerate(sets, 1):
         base = param_dir / f"params_{run}_{c}"
-        write_params_h5(base.with_suffix(".h5"), s.params, {"pixel_size": pixel_size, "symmetry": a["symmetry"]})
-        write_par(base.with_suffix(".par"), s.params)
-        write_cistem_star(base.with_suffix(".star"), s)
+        param_dir.mkdir(parents=True, exist_ok=True)
+        write_params_h5(ctx.stage(base.with_suffix(".h5")), s.params,
+                        {"pixel_size": pixel_size, "symmetry": a["symmetry"]})
+        write_par(ctx.stage(base.with_suffix(".par")), s.params)
+        write_cistem_star(ctx.stage(base.with_suffix(".star")), s)
         ctx.register("refinement_classes", refinement_id=refinement, class_number=c,
                      params_path=base.with_suffix(".h5"), occupancy=float(s.params["occ"].mean()))
     _register_members(ctx, package, sets[0].params["position"], best_class)
     ctx.progress(1, 1)
-    return {"particles": len(sets[0]), "classes": n_classes, "refinement_run": run}
+    return {"particles": len(sets[0]), "classes": n_classes, "refinement_run": run, "protein_is_white": white}
 
 
 def _register_members(ctx: JobContext, package, positions: np.ndarray, classes: np.ndarray) -> None:

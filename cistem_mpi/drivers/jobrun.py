@@ -90,6 +90,44 @@ def promote_staged(pairs: list[tuple[str, str]]) -> list[str]:
     return done
 
 
+def check_options(args: argparse.Namespace, *, symmetry: tuple[str, ...] = (), positive: tuple[str, ...] = (),
+                  non_negative: tuple[str, ...] = (), at_least_one: tuple[str, ...] = ()) -> None:
+    """Validate options before a job record exists (every rank runs the same check: no deadlock).
+
+    Each name is an ``args`` attribute; ``None`` (not given) passes.  Raises
+    :class:`InputError` naming the option.
+
+    >>> check_options(argparse.Namespace(classes=2, symmetry="C4"), symmetry=("symmetry",), at_least_one=("classes",))
+    """
+    import math
+
+    def opt(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in symmetry:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        from cistem_mpi.kernels.symmetry import parse_symmetry
+
+        try:
+            parse_symmetry(str(v))
+        except ValueError as exc:
+            raise InputError(opt(name), str(exc)) from None
+    for names, ok, what in ((positive, lambda x: x > 0, "a positive number"),
+                            (non_negative, lambda x: x >= 0, "zero or a positive number"),
+                            (at_least_one, lambda x: x >= 1, "at least 1")):
+        for name in names:
+            v = getattr(args, name, None)
+            if v is None:
+                continue
+            values = v if isinstance(v, (list, tuple)) else [v]
+            for x in values:
+                if not (isinstance(x, (int, float)) and math.isfinite(x) and ok(x)):
+                    subject = "the number of classes " if name == "classes" else ""
+                    raise InputError(opt(name), f"{subject}must be {what}, got {x}")
+
+
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every job takes."""
     parser.add_argument("--project", "-p", required=True, help="project directory")
@@ -243,10 +281,13 @@ def run_job(args: argparse.Namespace, job_type: str, body: Callable[[JobContext]
     if "error" in setup:
         raise JobFailed(f"rank {world.rank} on {world.host}: job not started: {setup['error']}")
     log = _job_logger(job_type, world, setup)
+    job_args = {k: v for k, v in vars(args).items() if k != "func"}
+    if setup.get("resumed_args") is not None:  # --resume: the killed job's recorded settings (every rank)
+        job_args.update(setup["resumed_args"])
     ctx = JobContext(
         world=world, job_id=setup["job_id"], job_type=job_type, scratch=Path(setup["scratch"]),
         checkpoint_dir=Path(setup["scratch"]) / "checkpoints", log=log, resumed_from=setup["resumed_from"],
-        project=project, args={k: v for k, v in vars(args).items() if k != "func"},
+        project=project, args=job_args,
     )
     t0 = time.monotonic()
     bad_input: list[InputError] = []
@@ -257,7 +298,13 @@ def run_job(args: argparse.Namespace, job_type: str, body: Callable[[JobContext]
             _forget(project, ctx, setup)
             return
         status = "cancelled" if info.exc_type in CANCEL_TYPES else "failed"
+        for staged in ctx._staged.values():  # nothing half written stays behind (project clean: the rest)
+            try:
+                os.unlink(staged)
+            except OSError:
+                pass
         jobs_db.end_job(project.conn, ctx.job_id, status, info.line())
+        _mark_dead_quietly(project)
         log.error("job %d %s: %s (scratch kept for post-mortem: %s)", ctx.job_id, status, info.line(), ctx.scratch)
 
     try:
@@ -283,6 +330,7 @@ def run_job(args: argparse.Namespace, job_type: str, body: Callable[[JobContext]
                 jobs_db.finish_job(project.conn, ctx.job_id, ctx._rows, ctx.result)
                 # committed: the files take their asset names (rolled forward by `project clean` if killed here)
                 promote_staged(pairs)
+                _mark_dead_quietly(project)  # other jobs found dead meanwhile (never on a rejected command)
         if world.is_controller:
             log.info("job %d finished in %.1f s on %d rank(s); registered %d record set(s)", ctx.job_id,
                      time.monotonic() - t0, world.size, len(ctx._rows))
@@ -345,9 +393,10 @@ def _forget(project: Project, ctx: JobContext, setup: dict[str, Any]) -> None:
 def _start(project: Project, args: argparse.Namespace, job_type: str, size: int) -> dict[str, Any]:
     """Create the job record, scratch folder and log (rank 0)."""
     conn = project.conn
-    jobs_db.mark_dead_jobs(conn)
+    # dead jobs are recorded only once this job is accepted (a rejected command changes nothing)
     resumed_from = getattr(args, "resume", None)
     scratch: Path | None = None
+    resumed_args: dict[str, Any] | None = None
     if resumed_from is not None:
         old = jobs_db.get_job(conn, resumed_from)
         if old is None:
@@ -360,7 +409,10 @@ def _start(project: Project, args: argparse.Namespace, job_type: str, size: int)
             raise InputError("--resume", f"job {resumed_from} is still running")
         if old["scratch_path"] and Path(old["scratch_path"]).is_dir():
             scratch = Path(old["scratch_path"])  # its checkpoints live there
+        resumed_args = _resumed_arguments(old, args)
     arguments = {k: v for k, v in vars(args).items() if k not in ("func",) and not k.startswith("_")}
+    if resumed_args is not None:
+        arguments.update(resumed_args)
     job_id = jobs_db.create_job(conn, job_type, arguments, size, resumed_from=resumed_from)
     if scratch is None:
         scratch = project.scratch_root / scratch_folder(job_type) / f"job_{job_id:04d}"
@@ -370,5 +422,52 @@ def _start(project: Project, args: argparse.Namespace, job_type: str, size: int)
     log_path = logs / f"job_{job_id:04d}_{job_type}.log"
     jobs_db.set_paths(conn, job_id, str(log_path), str(scratch))
     return {"job_id": job_id, "scratch": str(scratch), "log_path": str(log_path), "resumed_from": resumed_from,
-            "arguments": json.dumps(arguments, default=str)}
+            "arguments": json.dumps(arguments, default=str), "resumed_args": resumed_args}
+
+
+#: Options that belong to one invocation, not to a job's settings (a resume may change them).
+_PER_RUN_OPTIONS = frozenset({"project", "resume", "keep_scratch", "debug", "command"})
+
+
+def _resumed_arguments(old: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The killed job's recorded settings; an option given now that contradicts them is an InputError.
+
+    ``args._explicit`` (set by the CLI) names the options given on this
+    command line; without it every option that differs from the recorded
+    value counts as given.
+    """
+    try:
+        recorded = json.loads(old["arguments"] or "{}")
+    except ValueError:
+        recorded = {}
+    recorded = {k: v for k, v in recorded.items() if k not in _PER_RUN_OPTIONS and not k.startswith("_")}
+    explicit = getattr(args, "_explicit", None)
+    now = json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")},
+                                default=str))
+    for key, value in sorted(now.items()):
+        if key in _PER_RUN_OPTIONS or key not in recorded:
+            continue
+        if explicit is not None and key not in explicit:
+            continue
+        if value != recorded[key]:
+            option = "--" + key.replace("_", "-")
+            raise InputError(option, f"job {old['id']} ran with {option} {_shown(recorded[key])}; --resume "
+                                     f"continues with the recorded settings (leave out {option}, or start a new job)")
+    return recorded
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(not given)"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _mark_dead_quietly(project: Project) -> None:
+    """Record jobs of this host whose process is gone as failed; a failure here is never the job's."""
+    try:
+        jobs_db.mark_dead_jobs(project.conn)
+    except Exception:  # noqa: BLE001 - e.g. a full disk; status still shows them 'died'
+        pass
 

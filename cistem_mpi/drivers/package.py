@@ -94,8 +94,8 @@ from typing import Any
 import numpy as np
 
 from cistem_mpi.db import naming
-from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
-from cistem_mpi.errors import InputError
+from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options, run_job
+from cistem_mpi.errors import InputError, check_free_space
 from cistem_mpi.io.params import Optics, ParticleSet, empty_params
 
 #: Packages cut from positions get a split by micrograph from this many particles on (cisTEM: 500) ...
@@ -149,7 +149,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--map", action="append", metavar="OLD:NEW",
                    help="assign template class OLD to new class NEW (repeat, or comma-separate; several OLD may "
                         "share one NEW)")
-    c.add_argument("--select", metavar="C[,C...]", help="2D classes whose particles to take (--from-classification)")
+    c.add_argument("--select", metavar="C[,C...]", help="2D classes whose particles to take (--from-classification; "
+                                                      "'auto': the classes classify-2d selected automatically)")
     c.add_argument("--randomise-occupancies", action="store_true",
                    help="start occupancies uniform random in [0, 200/K) (cisTEM's wizard option)")
     c.add_argument("--seed", type=int, default=1, help="random seed (orientations, occupancies)")
@@ -157,7 +158,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--name", help="package name (default: 'Refinement Package #<id>')")
     c.add_argument("--molecular-weight", type=float, help="kDa (default: the template's)")
     c.add_argument("--largest-dimension", type=float, help="Å (default: the template's)")
-    c.set_defaults(func=lambda a: run_job(a, "create_package", _create))
+    c.set_defaults(func=lambda a: run_job(_checked(a), "create_package", _create))
+
+
+def _checked(a: argparse.Namespace) -> argparse.Namespace:
+    """Every option checked before the job record exists (exit 2, nothing recorded)."""
+    check_options(a, symmetry=("symmetry",), at_least_one=("classes",),
+                  positive=("molecular_weight", "largest_dimension"))
+    if a.box is not None and a.box < 8:
+        raise InputError("--box", f"the box must be at least 8 pixels, got {a.box}")
+    return a
 
 
 # --------------------------------------------------------------------------
@@ -381,7 +391,7 @@ def copy_particles(src: Path, positions: np.ndarray, dst: Path, pixel_size: floa
     it (float32, float16, int16, uint16, int8), so copied images are
     bit-identical.
     """
-    from cistem_mpi.io.mrc import MrcStackWriter, open_stack
+    from cistem_mpi.io.mrc import MrcStackWriter, check_finite, open_stack
 
     n = len(positions)
     with open_stack(src, pixel_size=pixel_size) as stack:
@@ -391,7 +401,9 @@ def copy_particles(src: Path, positions: np.ndarray, dst: Path, pixel_size: floa
         with MrcStackWriter(dst, (ny, nx), n, pixel_size, dtype=dtype) as out:
             for s0 in range(0, n, batch):
                 idx = np.asarray(positions[s0:s0 + batch], dtype=np.int64) - 1
-                for img in stack[idx]:
+                imgs = stack[idx]
+                check_finite(imgs, src, idx + 1)  # never copy a NaN pixel into a new asset
+                for img in imgs:
                     out.append(img)
                 if progress is not None:
                     progress(min(s0 + batch, n), n)
@@ -457,6 +469,11 @@ def split_by_micrograph(film: np.ndarray) -> np.ndarray | None:
         return np.where(np.asarray(film) % 2 == 1, 1, 2).astype(np.int8)
     block = np.arange(n) // max(1, n // 10)
     return np.where(block % 2 == 1, 1, 2).astype(np.int8)
+
+
+def _stack_is_white(stack_row) -> bool:
+    """The stored contrast of a particle stack row (protein white: RELION's convention)."""
+    return bool(stack_row is not None and "protein_is_white" in stack_row.keys() and stack_row["protein_is_white"])
 
 
 def _reject_options(a: dict[str, Any], source: str, *names: str) -> None:
@@ -651,7 +668,14 @@ def _from_classification(ctx: JobContext, a: dict[str, Any], rng: np.random.Gene
     if len(classes) != len(params):
         raise InputError(path, f"'class_2d' has {len(classes)} rows but the parameters have {len(params)}")
     n2d = int(cls["n_classes"])
-    select = parse_class_list(a["select"], "--select")
+    if a["select"].strip().lower() == "auto":  # the classify-2d job's automatic selection
+        from cistem_mpi.db.classification import auto_selected_classes
+
+        select = auto_selected_classes(conn, number)
+        if not select:
+            raise InputError("--select", f"2D classification #{number} has no automatically selected class")
+    else:
+        select = parse_class_list(a["select"], "--select")
     bad = [c for c in select if not 1 <= c <= n2d]
     if bad:
         raise InputError("--select", f"class {bad[0]} is not a class of 2D classification #{number} (1..{n2d})")
@@ -714,11 +738,17 @@ def _metadata(a: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _free_stack_name(directory: Path, number: int) -> Path:
-    """``particle_stack_<number>.mrcs``, the next free number if a stray file holds the name."""
+def _free_stack_name(conn, directory: Path, number: int) -> Path:
+    """``particle_stack_<number>.mrcs``, the next number no registered stack uses.
+
+    The database claims names: a stray unregistered file (a killed job's) is
+    overwritten by the rename after the commit.
+    """
+    from cistem_mpi.db.naming import stack_path_taken
+
     while True:
         path = directory / f"particle_stack_{number}.mrcs"
-        if not path.exists() and not path.with_name(path.name + ".part").exists():
+        if not stack_path_taken(conn, path, directory):
             return path
         number += 1
 
@@ -762,8 +792,9 @@ def _create(ctx: JobContext) -> dict:
         if src.subset:
             stack_dir = ctx.project.root / naming.ASSET_DIRS["particle_stacks"]
             stack_dir.mkdir(parents=True, exist_ok=True)
-            stack_path = _free_stack_name(stack_dir, package_number)
-            part = stack_path.with_name(stack_path.name + ".part")
+            stack_path = _free_stack_name(ctx.project.conn, stack_dir, package_number)
+            check_free_space(stack_dir, 1024 + n * box * box * 4 + n_new * 400 * n, "the new particle stack")
+            part = ctx.stage(stack_path)  # renamed to stack_path after the commit
             written.append(part)
             if src.extraction is not None:
                 from cistem_mpi.drivers.extraction import extract_stack
@@ -773,13 +804,13 @@ def _create(ctx: JobContext) -> dict:
             else:
                 copy_particles(src.stack_path, parent_positions, part, src.optics.pixel_size,
                                progress=lambda d, t: ctx.progress(d, t + 1, "copying particles"))
-            os.replace(part, stack_path)
-            written[-1] = stack_path
             new_positions = np.arange(1, n + 1, dtype=np.int32)
             stack_ref: Any = ctx.register(
                 "particle_stacks", path=stack_path, name=stack_path.stem, n_particles=n, box=box,
                 pixel_size=src.optics.pixel_size, voltage=src.optics.voltage, cs=src.optics.cs,
-                amplitude_contrast=src.optics.amplitude_contrast)
+                amplitude_contrast=src.optics.amplitude_contrast,
+                # copied images keep their stored contrast; cut ones are protein dark (inverted if white)
+                protein_is_white=int(src.extraction is None and _stack_is_white(src.stack_row)))
         else:
             stack_path = src.stack_path
             new_positions = parent_positions.astype(np.int32)
@@ -797,13 +828,13 @@ def _create(ctx: JobContext) -> dict:
             params = params.copy()
             params["position"] = new_positions
             base = param_dir / f"params_{run}_{k}"
-            for suffix in (".h5", ".par", ".star"):
-                written.append(base.with_suffix(suffix))
-            write_params_h5(base.with_suffix(".h5"), params,
+            staged = {suffix: ctx.stage(base.with_suffix(suffix)) for suffix in (".h5", ".par", ".star")}
+            written += list(staged.values())
+            write_params_h5(staged[".h5"], params,
                             {"pixel_size": src.optics.pixel_size, "symmetry": meta["symmetry"]},
                             {"half_set": src.half_set} if src.half_set is not None else None)
-            write_par(base.with_suffix(".par"), params)
-            write_cistem_star(base.with_suffix(".star"), ParticleSet(params=params, optics=[src.optics]))
+            write_par(staged[".par"], params)
+            write_cistem_star(staged[".star"], ParticleSet(params=params, optics=[src.optics]))
             ctx.register("refinement_classes", refinement_id=refinement, class_number=k,
                          params_path=base.with_suffix(".h5"), occupancy=float(params["occ"].mean()))
             class_sizes[str(k)] = int(np.count_nonzero(src.new_class == k))

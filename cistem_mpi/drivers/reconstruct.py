@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from cistem_mpi.db import naming
-from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
+from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options, run_job
 from cistem_mpi.drivers.runtime import World, gather_z, map_chunks, reduce_scatter_z
-from cistem_mpi.errors import InputError
+from cistem_mpi.errors import InputError, check_free_space
 from cistem_mpi.io.params import Optics, ParticleSet
 from cistem_mpi.kernels import backprojection as bp
 from cistem_mpi.kernels import reconstruction as rec
@@ -88,7 +88,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-weighting", type=float, default=0.0,
                    help="Frealign score-to-B-factor conversion (0: all particles weigh the same)")
     p.add_argument("--padding", type=float, default=2.0)
-    p.set_defaults(func=lambda a: run_job(a, "reconstruct", _job))
+    from cistem_mpi.drivers.import_assets import add_contrast_arguments
+
+    add_contrast_arguments(p)
+    p.set_defaults(func=lambda a: run_job(_checked(a), "reconstruct", _job))
+
+
+def _checked(a: argparse.Namespace) -> argparse.Namespace:
+    """Every option checked before the job record exists (exit 2, nothing recorded)."""
+    check_options(a, symmetry=("symmetry",), non_negative=("mask_radius", "resolution_limit", "score_weighting"),
+                  positive=("pixel_size", "voltage"), at_least_one=("padding",))
+    settings_from_args(vars(a), "C1")  # --bfactor
+    return a
 
 
 # ---------------------------------------------------------------- the kernel job
@@ -98,6 +109,7 @@ def reconstruct_particles(
     particles: ParticleSet | None,
     settings: ReconstructionSettings,
     progress=None,
+    invert: bool = False,
 ) -> Reconstruction | None:
     """Reconstruct one class from a particle stack on every rank of ``world``.
 
@@ -113,6 +125,9 @@ def reconstruct_particles(
     settings : ReconstructionSettings
     progress : callable, optional
         ``progress(done, total)`` on rank 0.
+    invert : bool
+        The stack is stored protein white (RELION's convention): images are
+        negated when read (rank 0's value is used).
 
     Returns
     -------
@@ -122,14 +137,17 @@ def reconstruct_particles(
     if world.is_controller:
         assert particles is not None
         plan = _plan(stack_path, particles, settings)
+        plan["invert"] = bool(invert)
     plan = world.bcast(plan)
     n, p = plan["box"], plan["padded"]
     params = plan["params"]
     d1, w1 = bp.new_accumulators(p)
     d2, w2 = bp.new_accumulators(p)
     worker = _Inserter(plan, settings, (d1, w1, d2, w2))
+    # static hand-out: each rank inserts the same particles in the same order in every run, so the
+    # per-rank float32 sums, and their reduction over ranks, are bit-identical run to run
     map_chunks(world, len(params), worker, chunk_size=settings.chunk_size, min_chunk=8, max_chunk=256,
-               progress=progress, keep=False)
+               progress=progress, keep=False, static=True)
     worker.close()
     # Sum over ranks; each rank keeps its z-slab of the sum (memory: accumulators + one slab).
     # Each accumulator is dropped as soon as its slab exists, so the peak stays near one set.
@@ -240,15 +258,16 @@ class _Inserter:
         self.s2 = ((fy ** 2 + fx ** 2) / ps ** 2).astype(np.float32)  # (1/Å)^2 on the half grid
 
     def __call__(self, start: int, stop: int, _data: Any) -> list[int]:
-        from cistem_mpi.io.mrc import open_stack
+        from cistem_mpi.io.mrc import check_finite, open_stack
 
         plan = self.plan
         if self.stack is None:
-            self.stack = open_stack(plan["stack"], pixel_size=plan["pixel_size"])
+            self.stack = open_stack(plan["stack"], pixel_size=plan["pixel_size"], invert=plan.get("invert", False))
         rows = plan["params"][start:stop]
         o: Optics = plan["optics"]
         ps = plan["pixel_size"]
         imgs = self.stack[rows["position"] - 1]
+        check_finite(imgs, plan["stack"], rows["position"])  # one NaN pixel would make the whole map NaN
         imgs = imgs - imgs.mean(axis=(1, 2), keepdims=True)
         sd = imgs.std(axis=(1, 2), keepdims=True)
         imgs = imgs / np.where(sd > 0, sd, 1.0)
@@ -311,6 +330,11 @@ def _finish(plan: dict[str, Any], settings: ReconstructionSettings, g1: np.ndarr
 
 
 # -------------------------------------------------------------- writing assets
+def volume_set_bytes(box: int) -> int:
+    """Bytes one registered volume takes on disk: map, two half maps, sharpened map, orth views, pictures."""
+    return 4 * (4 * box ** 3 + 6 * box * box) + 4 * 1024 + 2_000_000
+
+
 def write_volume_assets(ctx: JobContext, result: Reconstruction, file_name: str, display_name: str,
                         pixel_size: float, **fields: Any) -> None:
     """Write the maps, orth views and FSC picture; register the volume (rank 0)."""
@@ -329,19 +353,29 @@ def write_volume_assets(ctx: JobContext, result: Reconstruction, file_name: str,
         "half_map_2": vol_dir / f"{stem}_half2.mrc",
         "orth_view": orth_dir / file_name,
     }
-    if (vol_dir / file_name).exists():
+    if naming.asset_path_taken(ctx.project.conn, "volumes", ctx.project.store_path(paths["path"])):
         raise InputError(vol_dir / file_name, "a volume of this name already exists in the project")
-    write_mrc(paths["path"], result.volume, pixel_size)
-    write_mrc(paths["half_map_1"], result.half1, pixel_size)
-    write_mrc(paths["half_map_2"], result.half2, pixel_size)
-    write_mrc(vol_dir / f"{stem}_sharpened.mrc", result.sharpened, pixel_size)
+    for name, data in (("volume", result.volume), ("half map 1", result.half1), ("half map 2", result.half2),
+                       ("sharpened map", result.sharpened)):
+        if not np.isfinite(data).all():  # never register a non-finite result (a NaN input slipped through)
+            raise RuntimeError(f"{display_name}: the {name} contains NaN or infinite values; nothing registered")
+    if not np.isfinite(result.resolution):
+        raise RuntimeError(f"{display_name}: the resolution is not finite; nothing registered")
+    vol_dir.mkdir(parents=True, exist_ok=True)
+    orth_dir.mkdir(parents=True, exist_ok=True)
+    # every file under a job-private staged name, renamed to its asset name after the commit
+    write_mrc(ctx.stage(paths["path"]), result.volume, pixel_size)
+    write_mrc(ctx.stage(paths["half_map_1"]), result.half1, pixel_size)
+    write_mrc(ctx.stage(paths["half_map_2"]), result.half2, pixel_size)
+    write_mrc(ctx.stage(vol_dir / f"{stem}_sharpened.mrc"), result.sharpened, pixel_size)
     ov = orth_views(result.volume)
-    write_mrc(paths["orth_view"], ov, pixel_size)
-    save_image_png(orth_dir / f"{stem}.png", ov, f"{display_name}: sections (top), projections (bottom)")
+    write_mrc(ctx.stage(paths["orth_view"]), ov, pixel_size)
+    save_image_png(ctx.stage(orth_dir / f"{stem}.png"), ov,
+                   f"{display_name}: sections (top), projections (bottom)")
     curves = {"half maps" + (" (masked)" if result.fsc is not result.fsc_unmasked else ""): result.fsc}
     if result.fsc is not result.fsc_unmasked:
         curves["half maps (unmasked)"] = result.fsc_unmasked
-    save_fsc_png(orth_dir / f"{stem}_fsc.png", result.frequency, curves, pixel_size,
+    save_fsc_png(ctx.stage(orth_dir / f"{stem}_fsc.png"), result.frequency, curves, pixel_size,
                  title=f"{display_name}: {result.resolution:.2f} Å at FSC 0.143")
     fsc_json = json.dumps({"frequency": [round(float(x), 6) for x in result.frequency],
                            "fsc": [round(float(x), 5) for x in result.fsc],
@@ -393,8 +427,9 @@ def load_refinement(ctx: JobContext, run: int | None) -> dict[str, Any]:
         halves.append(read_params_column(path, "half_set"))
     optics = Optics(pixel_size=float(stack["pixel_size"]), voltage=float(stack["voltage"]), cs=float(stack["cs"]),
                     amplitude_contrast=float(stack["amplitude_contrast"]))
+    white = bool(stack["protein_is_white"]) if "protein_is_white" in stack.keys() else False
     return {"run": run, "refinement": ref, "package": pkg, "stack_path": str(ctx.project.resolve(stack["path"])),
-            "optics": optics, "classes": classes, "half_sets": halves}
+            "optics": optics, "classes": classes, "half_sets": halves, "protein_is_white": white}
 
 
 def _job(ctx: JobContext) -> dict:
@@ -402,9 +437,12 @@ def _job(ctx: JobContext) -> dict:
     todo: list[tuple[str, ParticleSet | None, str, str, dict[str, Any]]] = []
     stack_path = ""
     symmetry = (a.get("symmetry") or "C1").upper()
+    invert = False
     if ctx.is_controller:
         if a.get("stack"):
-            from cistem_mpi.drivers.import_assets import check_header_pixel_size, read_particle_params
+            from cistem_mpi.drivers.import_assets import (
+                check_header_pixel_size, protein_is_white_for, read_particle_params,
+            )
             from cistem_mpi.io.mrc import open_stack
 
             if not a.get("params"):
@@ -414,13 +452,16 @@ def _job(ctx: JobContext) -> dict:
                 n_stack, header_ps = len(st), st.header.pixel_size
             ps = read_particle_params(Path(a["params"]).absolute(), a.get("pixel_size"), n_stack,
                                       (a["voltage"], a["cs"], a["amplitude_contrast"]))
-            check_header_pixel_size(Path(stack_path), header_ps, float(ps.optics[0].pixel_size))
+            if a.get("pixel_size") is None:
+                check_header_pixel_size(Path(stack_path), header_ps, float(ps.optics[0].pixel_size))
+            invert = protein_is_white_for(a, [Path(a["params"])])
             name = f"reconstruction_{ctx.job_id}_1.mrc"
             todo.append((stack_path, ps, name, f"Reconstruction #{ctx.job_id} - Class #1",
                          {"kind": "reconstruction", "run_number": ctx.job_id, "class_number": 1}))
         else:
             ref = load_refinement(ctx, a.get("refinement"))
             stack_path = ref["stack_path"]
+            invert = ref["protein_is_white"]
             symmetry = (a.get("symmetry") or ref["package"]["symmetry"] or "C1").upper()
             r = ref["refinement"]
             for (c, params), half in zip(ref["classes"], ref["half_sets"]):
@@ -434,15 +475,21 @@ def _job(ctx: JobContext) -> dict:
                               "refinement_id": ref["run"]}))
         for _, _, name, _, _ in todo:
             target = ctx.project.root / naming.ASSET_DIRS["volumes"] / name  # type: ignore[union-attr]
-            if target.exists():
+            # the database claims names: an unregistered file left by a killed job does not block one
+            if naming.asset_path_taken(ctx.project.conn, "volumes", ctx.project.store_path(target)):  # type: ignore[union-attr]
                 raise InputError(target, "a volume of this name already exists in the project")
+        from cistem_mpi.io.mrc import read_mrc_header
+
+        box = int(read_mrc_header(stack_path).shape[2])
+        check_free_space(ctx.project.root / naming.ASSET_DIRS["volumes"],  # type: ignore[union-attr]
+                         len(todo) * volume_set_bytes(box), "the volumes")
     todo_meta = ctx.world.bcast([(t[0], t[2], t[3], t[4]) for t in todo] if ctx.is_controller else None)
     symmetry = ctx.world.bcast(symmetry)
     settings = settings_from_args(a, symmetry)
     results = {}
     for i, (stack, name, display, fields) in enumerate(todo_meta):
         particles = todo[i][1] if ctx.is_controller else None
-        result = reconstruct_particles(ctx.world, stack, particles, settings, progress=ctx.progress)
+        result = reconstruct_particles(ctx.world, stack, particles, settings, progress=ctx.progress, invert=invert)
         if ctx.is_controller:
             assert result is not None and particles is not None
             write_volume_assets(ctx, result, name, display, float(particles.optics[0].pixel_size), **fields)

@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from cistem_mpi.db import naming
-from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
+from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options, run_job
 from cistem_mpi.drivers.reconstruct import (
-    Reconstruction, ReconstructionSettings, load_refinement, reconstruct_particles, write_volume_assets,
+    Reconstruction, ReconstructionSettings, load_refinement, reconstruct_particles, volume_set_bytes,
+    write_volume_assets,
 )
 from cistem_mpi.drivers.runtime import CheckpointStore, World, map_chunks
-from cistem_mpi.errors import InputError
+from cistem_mpi.errors import DiskFull, InputError, free_bytes
 from cistem_mpi.io.params import ParticleSet
 from cistem_mpi.kernels import alignment as al
 from cistem_mpi.kernels import refinement as rf
@@ -72,7 +73,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--seed", type=int, default=1, help="random seed (occupancy randomisation)")
         if name == "auto-refine":
             p.add_argument("--max-rounds", type=int, default=8)
-        p.set_defaults(func=lambda a, n=name: run_job(a, n.replace("-", "_"), _job))
+        p.set_defaults(func=lambda a, n=name: run_job(_checked(a), n.replace("-", "_"), _job))
+
+
+def _checked(a: argparse.Namespace) -> argparse.Namespace:
+    """Every option checked before the job record exists (exit 2, nothing recorded)."""
+    check_options(a, symmetry=("symmetry",), at_least_one=("classes", "max_rounds"),
+                  positive=("low_resolution", "high_resolution", "mask_radius", "max_shift", "angle_step",
+                            "global_step"),
+                  non_negative=("focus_radius",))
+    if a.high_resolution is not None and a.low_resolution is not None and a.high_resolution >= a.low_resolution:
+        raise InputError("--high-resolution", f"{a.high_resolution} Å must be finer (smaller) than --low-resolution "
+                                              f"{a.low_resolution} Å")
+    return a
 
 
 # ------------------------------------------------------------------ one round
@@ -95,12 +108,14 @@ def align_round(world: World, plan: dict[str, Any] | None, references: list[np.n
         from cistem_mpi.io.mrc import open_stack
 
         if "stack" not in state:
-            state["stack"] = open_stack(plan["stack"], pixel_size=plan["pixel_size"])
+            state["stack"] = open_stack(plan["stack"], pixel_size=plan["pixel_size"], invert=plan.get("invert", False))
         rows = plan["params"][start:stop]
         per_class = [cp[start:stop] for cp in plan["class_params"]]
         out = []
         for i, row in enumerate(rows):
             img = state["stack"][int(row["position"]) - 1]
+            if not np.isfinite(img).all():  # a NaN pixel would give SCORE 0 for garbage
+                raise InputError(plan["stack"], f"image {int(row['position'])} contains NaN or infinite values")
             out.append(rf.align_particle(img, row, plan["pixel_size"], plan["optics"], vfts, band, s,
                                          grid=grid, search_band=search_band,
                                          class_rows=[cr[i] for cr in per_class]))
@@ -174,6 +189,8 @@ def _job(ctx: JobContext) -> dict:
         plan = None
         if ctx.is_controller:
             plan = _round_plan(state, a, auto)
+            if r == 1 and state.get("user_references"):
+                _contrast_check(ctx, plan, state["references"])
             ctx.log.info("round %d: aligning %d particles to %d class(es), %s search, %.1f-%.1f Å",
                          r, len(plan["params"]), len(state["class_params"]),
                          "global" if plan["align"].global_search else "local", plan["low_resolution"],
@@ -215,6 +232,42 @@ def _job(ctx: JobContext) -> dict:
     if not ctx.is_controller:
         return {}
     return _register(ctx, state, rounds)
+
+
+#: Particles scored at their starting parameters by the contrast check.
+CONTRAST_CHECK_PARTICLES = 32
+
+
+def contrast_score(plan: dict[str, Any], references: list[np.ndarray], n: int = CONTRAST_CHECK_PARTICLES) -> float:
+    """Mean correlation (SCORE, 100 CC) of up to ``n`` particles with the first reference at their
+    starting parameters (no search).  Negative on average: the particles' contrast is the
+    reference's inverted (a protein-white RELION stack read as dark, or the other way round).
+    """
+    from cistem_mpi.io.mrc import open_stack
+
+    rows = plan["params"]
+    pick = np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(np.int64))
+    s = rf.AlignSettings(mask_radius=plan["align"].mask_radius, refine_angles=False, refine_shifts=False)
+    band = al.make_band(plan["box"], plan["pixel_size"], plan["high_resolution"], plan["low_resolution"])
+    vft = [prepare_volume_ft(references[0].astype(np.float32), 2.0)]
+    scores = []
+    with open_stack(plan["stack"], pixel_size=plan["pixel_size"], invert=plan.get("invert", False)) as st:
+        for i in pick:
+            row = rows[int(i)]
+            res = rf.align_particle(st[int(row["position"]) - 1], row, plan["pixel_size"], plan["optics"], vft,
+                                    band, s)
+            scores.append(float(res.scores[0]))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _contrast_check(ctx: JobContext, plan: dict[str, Any], references: list[np.ndarray]) -> None:
+    """Warn when the given reference correlates negatively with the particles on average (rank 0)."""
+    score = contrast_score(plan, references)
+    ctx.result["reference_contrast_score"] = round(score, 2)
+    if score < 0:
+        ctx.log.warning("the reference correlates negatively with the particles at their starting parameters "
+                        "(mean SCORE %.1f): the contrast is probably inverted; a stack from RELION is protein "
+                        "white (import with --protein-is-white), a cisTEM one dark (--protein-is-dark)", score)
 
 
 def _best_class(class_params: list[np.ndarray]) -> np.ndarray:
@@ -268,6 +321,9 @@ def _initial_state(ctx: JobContext, auto: bool) -> dict[str, Any]:
 
     with open_stack(ref["stack_path"], pixel_size=ref["optics"].pixel_size) as st:
         box = st.shape[-1]
+    for path, vol in zip(a.get("reference") or [], references or []):
+        if not np.isfinite(vol).all():
+            raise InputError(path, "map contains NaN or infinite values")
     if references is not None:
         for path, vol in zip(a["reference"], references):
             if vol.shape != (box, box, box):
@@ -287,6 +343,7 @@ def _initial_state(ctx: JobContext, auto: bool) -> dict[str, Any]:
         "symmetry": (a.get("symmetry") or ref["package"]["symmetry"] or "C1").upper(),
         "class_params": class_params, "references": references, "round": 0, "history": [], "res05": None,
         "mask_radius_A": float(mask_radius_A), "focus": focus, "rounds": [],
+        "invert": bool(ref["protein_is_white"]), "user_references": references is not None,
     }
 
 
@@ -317,6 +374,7 @@ def _round_plan(state: dict[str, Any], a: dict[str, Any], auto: bool) -> dict[st
         "stack": state["stack"], "box": box, "pixel_size": ps, "optics": (o.voltage, o.cs, o.amplitude_contrast),
         "params": state["class_params"][int(np.argmax([p["occ"].mean() for p in state["class_params"]]))],
         "class_params": state["class_params"], "align": align, "high_resolution": high,
+        "invert": bool(state.get("invert", False)),
         "low_resolution": a.get("low_resolution") or 300.0, "global_resolution": max(high, 8.0),
         "kind": "global" if global_search else "local",
     }
@@ -344,7 +402,8 @@ def _reconstruct_classes(ctx: JobContext, state: dict[str, Any], settings: Recon
                 params["occ"] = np.where(best == c, 100.0, 0.0)
             particles = ParticleSet(params=params, optics=[state["optics"]],
                                     extra=_stored_halves(state, params["position"]))
-        rec = reconstruct_particles(ctx.world, state["stack"], particles, settings, progress=None)
+        rec = reconstruct_particles(ctx.world, state["stack"], particles, settings, progress=None,
+                                    invert=bool(state.get("invert", False)))
         if ctx.is_controller:
             out.append(rec)
     return out
@@ -397,6 +456,18 @@ def _register(ctx: JobContext, state: dict[str, Any], rounds: list[dict[str, Any
     parent = state["run"]
     next_run = naming.next_refinement_run(conn)
     param_dir = ctx.project.root / naming.ASSET_DIRS["parameters"]
+    for rd in rounds:  # never register a non-finite number
+        for c, params in enumerate(rd["params"], 1):
+            for name in ("psi", "theta", "phi", "shx", "shy", "df1", "df2", "occ", "score"):
+                if not np.isfinite(params[name]).all():
+                    raise RuntimeError(f"round {rd['round']} class {c}: {name.upper()} has NaN or infinite values; "
+                                       "nothing registered")
+    n_sets = sum(len(rd["params"]) for rd in rounds)
+    n_part = len(state["class_params"][0])
+    needed = n_sets * (volume_set_bytes(state["box"]) + 400 * n_part)
+    free = free_bytes(param_dir)
+    if needed * 1.01 > free:  # before writing anything; the rounds stay checkpointed for --resume
+        raise DiskFull(ctx.project.root / naming.ASSET_DIRS["volumes"], needed, free)
     summary = []
     for i, rd in enumerate(rounds):
         run = next_run + i
@@ -408,10 +479,12 @@ def _register(ctx: JobContext, state: dict[str, Any], rounds: list[dict[str, Any
             half = _stored_halves(state, params["position"]).get("half_set")
             if half is None:
                 half = half_sets(params["position"])
-            write_params_h5(base.with_suffix(".h5"), params,
+            param_dir.mkdir(parents=True, exist_ok=True)
+            write_params_h5(ctx.stage(base.with_suffix(".h5")), params,
                             {"pixel_size": state["pixel_size"], "symmetry": state["symmetry"]}, {"half_set": half})
-            write_par(base.with_suffix(".par"), params)
-            write_cistem_star(base.with_suffix(".star"), ParticleSet(params=params, optics=[state["optics"]]))
+            write_par(ctx.stage(base.with_suffix(".par")), params)
+            write_cistem_star(ctx.stage(base.with_suffix(".star")),
+                              ParticleSet(params=params, optics=[state["optics"]]))
             ctx.register("refinement_classes", refinement_id=refinement, class_number=c,
                          params_path=base.with_suffix(".h5"), resolution=float(rec.resolution),
                          occupancy=float(params["occ"].mean()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sqlite3
 
 from cistem_mpi.db import jobs as jobs_db
 from cistem_mpi.db.project import Project
@@ -38,8 +39,24 @@ def _when(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
+def _record_dead_jobs(root: str) -> None:
+    """A job whose process is gone is recorded as failed as soon as it is seen (if the database is writable)."""
+    from cistem_mpi.errors import CistemError
+
+    with Project.open(root, readonly=True) as project:
+        running = list(project.conn.execute("SELECT * FROM jobs WHERE status = 'running'"))
+        if not any(jobs_db.liveness(r) == "died" for r in running):
+            return
+    try:
+        with Project.open(root) as project:
+            jobs_db.mark_dead_jobs(project.conn)
+    except (CistemError, OSError, sqlite3.Error):  # read-only project: status still shows 'died'
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the job table."""
+    _record_dead_jobs(args.project)
     with Project.open(args.project, readonly=True) as project:
         if args.job is not None:
             row = jobs_db.get_job(project.conn, args.job)

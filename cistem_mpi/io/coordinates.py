@@ -121,20 +121,20 @@ def _read_any(p: Path, *, allow_list: bool) -> list[PickedParticles]:
     return [_read_plain(p, text)]
 
 
-def _read_text(p: Path) -> str:
+def _read_text(p: Path, what: str = "coordinate file", content: str = "coordinates") -> str:
     if not p.exists():
         raise InputError(p, "file not found")
     if p.is_dir():
-        raise InputError(p, "is a directory, not a coordinate file")
+        raise InputError(p, f"is a directory, not a {what}")
     raw = p.read_bytes()
     if b"\x00" in raw[:4096]:
-        raise InputError(p, "binary file, not a coordinate file")
+        raise InputError(p, f"binary file, not a {what}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InputError(p, "not a text file (not UTF-8), not a coordinate file") from None
+        raise InputError(p, f"not a text file (not UTF-8), not a {what}") from None
     if not text.strip():
-        raise InputError(p, "file is empty (no header, no coordinates)")
+        raise InputError(p, f"file is empty (no header, no {content})")
     return text
 
 

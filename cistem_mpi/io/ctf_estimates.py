@@ -114,7 +114,7 @@ def read_ctf_estimates(path: str | os.PathLike) -> list[CtfEstimate]:
         ``_avrot`` file given instead.
     """
     p = Path(path)
-    text = _read_text(p)
+    text = _read_text(p, "CTF estimate file", "CTF estimates")
     if _looks_like_star(text) or p.suffix.lower() == ".star":
         return _read_star(p)
     return _read_ctffind(p, text)

@@ -162,7 +162,11 @@ def read_gain(
     if not p.exists():
         raise InputError(p, "gain reference not found")
     g = _read_raw(p).astype(np.float32, copy=False)
-    good = np.isfinite(g) & (g > 0)
+    finite = np.isfinite(g)
+    if not finite.all():
+        bad = int(g.size - np.count_nonzero(finite))
+        raise InputError(p, f"gain reference contains {bad} NaN or infinite pixel(s)")
+    good = finite & (g > 0)
     if not good.any():
         raise InputError(p, "gain reference has no finite positive value")
     if reciprocal:

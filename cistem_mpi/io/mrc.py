@@ -30,6 +30,7 @@ so the stack is never held whole.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import warnings
@@ -40,7 +41,7 @@ from typing import Iterator, Sequence
 import mrcfile
 import numpy as np
 
-from cistem_mpi.errors import InputError
+from cistem_mpi.errors import DiskFull, InputError, free_bytes
 
 __all__ = [
     "MrcHeader",
@@ -389,8 +390,9 @@ class ImageStack:
     Use :func:`open_stack` to create one.
     """
 
-    def __init__(self, path: str | os.PathLike, pixel_size: float | None = None):
+    def __init__(self, path: str | os.PathLike, pixel_size: float | None = None, invert: bool = False):
         self.path = _check_exists(path)
+        self.invert = bool(invert)
         self._mrc = _open(self.path, mmap=True)
         self.header = _header_of(self._mrc, self.path)
         data = self._mrc.data
@@ -424,8 +426,12 @@ class ImageStack:
             i = int(index)
             if i < -n or i >= n:
                 raise IndexError(f"{self.path}: image {i} out of range (stack has {n})")
-            return np.array(self._data[i], dtype=np.float32)
-        return np.array(self._data[index], dtype=np.float32)
+            out = np.array(self._data[i], dtype=np.float32)
+        else:
+            out = np.array(self._data[index], dtype=np.float32)
+        if self.invert:  # protein white on disk (RELION's convention): dark in memory, as cisTEM expects
+            np.negative(out, out=out)
+        return out
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(len(self)):
@@ -451,7 +457,7 @@ class ImageStack:
             pass
 
 
-def open_stack(path: str | os.PathLike, pixel_size: float | None = None) -> ImageStack:
+def open_stack(path: str | os.PathLike, pixel_size: float | None = None, invert: bool = False) -> ImageStack:
     """Open an MRC/MRCS particle stack, memory-mapped.
 
     Parameters
@@ -460,17 +466,54 @@ def open_stack(path: str | os.PathLike, pixel_size: float | None = None) -> Imag
         The stack.
     pixel_size : float, optional
         Pixel size in Å; wins over the header (see :func:`resolve_pixel_size`).
+    invert : bool
+        Return every image negated (a stack stored protein white, as RELION
+        extracts them; the file is never changed).
 
     Returns
     -------
     ImageStack
     """
-    return ImageStack(path, pixel_size)
+    return ImageStack(path, pixel_size, invert=invert)
+
+
+def check_finite(images: np.ndarray, path: str | os.PathLike, first_index: int | np.ndarray = 0,
+                 what: str = "image") -> None:
+    """InputError naming the first image with a NaN or infinite pixel (one pass, no copy).
+
+    Parameters
+    ----------
+    images : ndarray
+        (n, ny, nx) images, or one 2D image / 3D volume with ``what`` saying which.
+    path : path-like
+        The file they came from.
+    first_index : int or ndarray
+        1-based position of ``images[0]`` in the file, or the positions of every image.
+
+    >>> check_finite(np.zeros((2, 4, 4), np.float32), "s.mrcs")
+    """
+    finite = np.isfinite(images)
+    if finite.all():
+        return
+    if images.ndim == 3 and what == "image":
+        k = int(np.argmin(finite.reshape(len(images), -1).all(axis=1)))
+        pos = int(first_index[k]) if np.ndim(first_index) else int(first_index) + k
+        raise InputError(path, f"image {pos} contains NaN or infinite values")
+    raise InputError(path, f"{what} contains NaN or infinite values")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _tmp_beside(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent or "."))
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; assets follow the umask like any new file
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 
@@ -514,7 +557,12 @@ def write_mrc(
     arr = np.ascontiguousarray(arr, dtype=dt)
     if stack is None:
         stack = p.suffix.lower() == ".mrcs"
-    tmp = _tmp_beside(p)
+    try:
+        tmp = _tmp_beside(p)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(p, 1024 + arr.nbytes) from None
+        raise
     try:
         with mrcfile.new(str(tmp), overwrite=True) as mrc:
             mrc.set_data(arr)  # sets mode, dims and min/max/mean/rms
@@ -529,6 +577,12 @@ def write_mrc(
                 mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
             mrc.update_header_stats()
         os.replace(tmp, p)
+    except OSError as exc:
+        free = free_bytes(p)
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(p, 1024 + arr.nbytes, free) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -580,12 +634,36 @@ class MrcStackWriter:
             raise ValueError(f"MrcStackWriter: unsupported dtype {self.dtype}")
         if self.n < 1:
             raise ValueError("MrcStackWriter: n must be >= 1")
-        self._mrc = mrcfile.new_mmap(
-            str(self.path),
-            shape=(self.n, *self.shape_yx),
-            mrc_mode=_MODE_OF_DTYPE[self.dtype],
-            overwrite=True,
-        )
+        needed = 1024 + self.n * self.shape_yx[0] * self.shape_yx[1] * self.dtype.itemsize
+        try:
+            self._mrc = mrcfile.new_mmap(
+                str(self.path),
+                shape=(self.n, *self.shape_yx),
+                mrc_mode=_MODE_OF_DTYPE[self.dtype],
+                overwrite=True,
+            )
+        except OSError as exc:
+            self.path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(self.path, needed) from None
+            raise
+        # Reserve the blocks now: writing into a sparse memory map on a full disk kills the
+        # process with SIGBUS, with no message and a half-written file.
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._mrc.close()
+                self._mrc = None
+                free = free_bytes(self.path)
+                self.path.unlink(missing_ok=True)
+                raise DiskFull(self.path, needed, free) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                raise
         self._mrc.set_image_stack()
         self._mrc.voxel_size = float(pixel_size)
         if origin is not None:

@@ -32,7 +32,7 @@ def save_image_png(path: str | Path, image: np.ndarray, title: str = "") -> None
     ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # the name may be a staged .part name
     plt.close(fig)
 
 
@@ -72,7 +72,7 @@ def save_fsc_png(
     ax.set_xticklabels([f"{t:.3f}\n" + (f"{1 / t:.1f} Å" if t > 0 else "") for t in ticks], fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # the name may be a staged .part name
     plt.close(fig)
 
 
@@ -92,5 +92,5 @@ def save_gallery_png(path: str | Path, images: np.ndarray, labels: Sequence[str]
             if labels is not None:
                 ax.set_title(labels[i], fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # the name may be a staged .part name
     plt.close(fig)

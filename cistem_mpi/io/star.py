@@ -46,6 +46,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import shlex
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -177,15 +178,93 @@ def parse_image_name(name: str) -> tuple[int, str]:
 def _read_blocks(path: Path) -> dict:
     if not path.exists():
         raise InputError(path, "file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(path, f"line {line}: byte 0x{raw[exc.start]:02x} is not UTF-8 text (STAR files are "
+                               f"ASCII/UTF-8; re-save the file as UTF-8)") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             blocks = starfile.read(str(path), always_dict=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
-        raise InputError(path, f"cannot parse as STAR: {exc}") from None
+        problem = star_text_problem(text)
+        raise InputError(path, problem or f"cannot parse as STAR: {exc}") from None
     if not blocks:
-        raise InputError(path, "no data block found")
+        raise InputError(path, star_text_problem(text) or "no data block found (no line starts with data_)")
+    problem = star_text_problem(text) if _has_ragged_hint(blocks) else None
+    if problem:
+        raise InputError(path, problem)
     return blocks
+
+
+def _has_ragged_hint(blocks: dict) -> bool:
+    """A loop read with missing values (NaN in a column of strings/numbers) may be a short header."""
+    for v in blocks.values():
+        if isinstance(v, pd.DataFrame) and len(v) and v.isna().to_numpy().any():
+            return True
+    return False
+
+
+def _tokens(line: str) -> int:
+    """Number of values on a STAR data line (quoted values count once)."""
+    if '"' not in line and "'" not in line:
+        return len(line.split())
+    try:
+        return len(shlex.split(line, comments=False, posix=True))
+    except ValueError:
+        return len(line.split())
+
+
+def star_text_problem(text: str) -> str | None:
+    r"""The first structural problem of STAR text, naming its line (None: none found).
+
+    Finds loops whose rows have another number of values than the loop has
+    column labels (a header one column short, a truncated row), labels
+    outside a loop or data block, and files without ``data_`` blocks.
+
+    >>> star_text_problem("data_x\nloop_\n_a #1\n_b #2\n1 2 3\n")
+    'line 5: 3 values but the loop of data_x (line 2) has 2 column labels (lines 3-4)'
+    """
+    block = None
+    labels: list[int] = []
+    in_loop = False
+    reading_labels = False
+    loop_line = 0
+    seen_block = False
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("data_"):
+            block, in_loop, reading_labels, labels = line, False, False, []
+            seen_block = True
+            continue
+        if line.startswith("loop_"):
+            if block is None:
+                return f"line {n}: loop_ before any data_ block"
+            in_loop, reading_labels, labels, loop_line = True, True, [], n
+            continue
+        if line.startswith("_"):
+            if block is None:
+                return f"line {n}: label {line.split()[0]} before any data_ block"
+            if in_loop and reading_labels:
+                labels.append(n)
+            elif in_loop:
+                in_loop = False  # a key-value pair after a loop ends the loop
+            continue
+        if in_loop:
+            reading_labels = False
+            k = _tokens(line)
+            if k != len(labels):
+                span = f"lines {labels[0]}-{labels[-1]}" if len(labels) > 1 else f"line {labels[0]}" if labels else "none"
+                return (f"line {n}: {k} values but the loop of {block} (line {loop_line}) has {len(labels)} "
+                        f"column label{'s' if len(labels) != 1 else ''} ({span})")
+    if not seen_block:
+        return "no data block found (no line starts with data_)"
+    return None
 
 
 def _table_blocks(blocks: dict) -> dict[str, pd.DataFrame]:
@@ -676,6 +755,34 @@ def _image_names_for(ps: ParticleSet, stack: str | os.PathLike | None) -> list[s
     return ps.image_names
 
 
+#: The comment our RELION exports carry to say which contrast their images have (RELION ignores comments).
+CONTRAST_MARK = "# cistem-mpi contrast: protein "
+
+
+def star_protein_is_white(path: str | os.PathLike) -> bool:
+    r"""Whether the images of a particle STAR file are protein white, by convention.
+
+    RELION extracts particles protein white (``relion_preprocess
+    --invert_contrast``, its default workflow), so a RELION file is white
+    unless it carries our contrast comment (:data:`CONTRAST_MARK`, written
+    by :func:`write_relion_star`) saying otherwise; a cisTEM STAR file is
+    dark (cisTEM's convention).
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "p.star"
+    >>> _ = f.write_text("# cistem-mpi contrast: protein dark\ndata_particles\nloop_\n_rlnImageName\n1@s.mrcs\n")
+    >>> star_protein_is_white(f)
+    False
+    """
+    p = Path(path)
+    with open(p, "rb") as fh:
+        head = fh.read(4096).decode("utf-8", "replace")
+    for line in head.splitlines()[:40]:
+        if line.startswith(CONTRAST_MARK):
+            return line[len(CONTRAST_MARK):].strip().lower().startswith("white")
+    return detect_star_flavour(p) != "cistem"
+
+
 def write_relion_star(
     path: str | os.PathLike,
     particle_set: ParticleSet,
@@ -683,6 +790,8 @@ def write_relion_star(
     *,
     stack: str | os.PathLike | None = None,
     keep_cistem_columns: bool = True,
+    image_size: int | None = None,
+    protein_is_white: bool = False,
 ) -> None:
     """Write a RELION particle STAR file.
 
@@ -703,6 +812,16 @@ def write_relion_star(
     keep_cistem_columns : bool
         Also write FILM, OCC, LogP, SIGMA, SCORE, CHANGE and MAG as
         ``_cisTEM*`` columns (RELION ignores them) so that nothing is lost.
+    image_size : int, optional
+        Box size in pixels, written as ``rlnImageSize`` (with
+        ``rlnImageDimensionality`` 2) in every optics group; RELION 3.1+
+        needs it (``ObservationModel``).  Default: the optics groups' own
+        ``rlnImageSize``, else the size read from the ``stack`` file when it
+        exists.
+    protein_is_white : bool
+        Contrast of the images the file points at, stated in a comment line
+        (:data:`CONTRAST_MARK`) so that importing the file back applies the
+        right convention (cisTEM's stacks: dark).
     """
     if style not in ("3.1", "3.0"):
         raise ValueError(f"write_relion_star: style must be '3.1' or '3.0', got {style!r}")
@@ -765,14 +884,43 @@ def write_relion_star(
                 cols.append((label, _fmt_float32(v)))
 
     stamp = f"# Written by cistem-mpi {__version__} on {datetime.datetime.now().isoformat(' ', 'seconds')}\n"
+    stamp += CONTRAST_MARK + ("white (RELION's convention)\n" if protein_is_white else
+                              "dark (cisTEM's convention; RELION extracts protein white)\n")
     if style == "3.1":
-        text = stamp + _optics_text(ps) + _loop_text("particles", cols, "30001")
+        size = image_size if image_size is not None else _image_size_of(ps, stack, p)
+        text = stamp + _optics_text(ps, size) + _loop_text("particles", cols, "30001")
     else:
         text = stamp + _loop_text("", cols, "30001")
     _atomic_write(p, text)
 
 
-def _optics_text(ps: ParticleSet) -> str:
+def _image_size_of(ps: ParticleSet, stack: str | os.PathLike | None, path: Path) -> int | None:
+    """The box size for ``rlnImageSize``: the optics groups' own, else the stack file's."""
+    for o in ps.optics:
+        if "rlnImageSize" in o.extra:
+            return None  # written from the groups' extra columns
+    if stack is not None:
+        f = Path(stack)
+        f = f if f.is_absolute() else path.parent / f
+        if f.is_file():
+            from cistem_mpi.io.mrc import read_mrc_header
+
+            try:
+                return int(read_mrc_header(f).shape[2])
+            except Exception:  # noqa: BLE001 - a stack we cannot read: no size (warned below)
+                pass
+    warnings.warn(f"{path}: box size unknown (give the stack or image_size); RELION 3.1+ needs rlnImageSize",
+                  stacklevel=3)
+    return None
+
+
+#: What RELION 3.1+ requires of every optics group (ObservationModel: pixel size, box size, dimensionality,
+#: voltage, Cs, amplitude contrast) besides the group number and name.
+RELION_OPTICS_REQUIRED = ("rlnOpticsGroup", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality",
+                          "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+
+
+def _optics_text(ps: ParticleSet, image_size: int | None = None) -> str:
     optics = ps.optics
     core = [
         ("rlnOpticsGroupName", [_fmt_value(o.name) for o in optics]),
@@ -782,10 +930,17 @@ def _optics_text(ps: ParticleSet) -> str:
         ("rlnAmplitudeContrast", _fmt_float([o.amplitude_contrast for o in optics])),
         ("rlnImagePixelSize", _fmt_float([o.pixel_size for o in optics])),
     ]
+    if image_size is not None:
+        core.append(("rlnImageSize", [str(int(image_size))] * len(optics)))
+    if image_size is not None or any("rlnImageSize" in o.extra for o in optics):
+        if not any("rlnImageDimensionality" in o.extra for o in optics):
+            core.append(("rlnImageDimensionality", ["2"] * len(optics)))
     labels = []
     for o in optics:
         for k in o.extra:
             if k.startswith("rln") and k not in _OPTICS_CORE and k != "rlnOpticsGroup" and k not in labels:
+                if image_size is not None and k in ("rlnImageSize", "rlnImageDimensionality"):
+                    continue
                 labels.append(k)
     for k in labels:
         vals = []
@@ -873,3 +1028,51 @@ def write_cistem_star(path: str | os.PathLike, particle_set: ParticleSet, *, sta
 
 def _roundint(x: float) -> int:
     return int(np.floor(x + 0.5)) if x >= 0 else -int(np.floor(-x + 0.5))
+
+
+def relion_readability_problems(path: str | os.PathLike) -> list[str]:
+    """What would stop RELION 3.1+ reading a particle STAR file (empty list: nothing).
+
+    The rules are those of RELION's ``ObservationModel`` (``loadSafely`` and
+    its constructor, ``getBoxSize``) and of ``relion_refine``: a
+    ``data_optics`` table with a pixel size (``rlnImagePixelSize`` or a
+    micrograph pixel size), ``rlnVoltage``, ``rlnSphericalAberration``, the
+    box size ``rlnImageSize`` and ``rlnImageDimensionality``; optics groups
+    numbered 1..N in order; a ``data_particles`` table with ``rlnImageName``
+    whose ``rlnOpticsGroup`` values are all defined; origins in Å.
+    """
+    p = Path(path)
+    blocks = _read_blocks(p)
+    problems: list[str] = []
+    optics = blocks.get("optics")
+    particles = blocks.get("particles")
+    if not isinstance(optics, pd.DataFrame) or not len(optics):
+        return ["no data_optics table (RELION 3.0 style: RELION 3.1+ converts it only with the images at hand)"]
+    if not isinstance(particles, pd.DataFrame) or not len(particles):
+        return ["no data_particles table"]
+    cols = set(optics.columns)
+    if not cols & {"rlnImagePixelSize", "rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize"}:
+        problems.append("data_optics has no pixel size (rlnImagePixelSize)")
+    for label in ("rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+                  "rlnImageSize", "rlnImageDimensionality"):
+        if label not in cols:
+            problems.append(f"data_optics lacks _{label}")
+    if "rlnOpticsGroup" in cols:
+        groups = [int(g) for g in optics["rlnOpticsGroup"]]
+        if groups != list(range(1, len(groups) + 1)):
+            problems.append(f"optics groups are not numbered 1..{len(groups)} in order: {groups}")
+        if "rlnOpticsGroup" not in particles.columns:
+            problems.append("data_particles lacks _rlnOpticsGroup")
+        else:
+            undefined = sorted(set(int(g) for g in particles["rlnOpticsGroup"]) - set(groups))
+            if undefined:
+                problems.append(f"particles use undefined optics group(s) {undefined}")
+    if "rlnImageSize" in cols and any(int(v) <= 0 for v in optics["rlnImageSize"]):
+        problems.append("rlnImageSize must be a positive box size")
+    if "rlnImageDimensionality" in cols and any(int(v) not in (2, 3) for v in optics["rlnImageDimensionality"]):
+        problems.append("rlnImageDimensionality must be 2 (or 3)")
+    for label in ("rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
+                  "rlnOriginYAngst", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
+        if label not in particles.columns:
+            problems.append(f"data_particles lacks _{label}")
+    return problems

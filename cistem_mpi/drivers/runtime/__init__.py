@@ -8,6 +8,7 @@ work itself through the same code path.
 * :mod:`.guard`      ``guarded(world, on_failure)``: run a job body on every rank
 * :mod:`.taskqueue`  dynamic queue: ``map_tasks``, ``map_items``, ``map_chunks``
 * :mod:`.slab`       reduce-scatter of volume accumulators along z, gather of slabs
+* :mod:`.reduce`     ``reduce_sum``: small arrays (2D class sums) summed onto rank 0
 * :mod:`.progress`   done/total, rate and ETA: terminal bar, log lines, job record
 * :mod:`.checkpoint` per-iteration checkpoints for ``--resume``
 * :mod:`.array`      Slurm job-array mode (prepare / tasks / merge)
@@ -31,6 +32,7 @@ from cistem_mpi.drivers.runtime.world import (
     get_world,
 )
 from cistem_mpi.drivers.runtime.checkpoint import Checkpoint, CheckpointStore, rng_from_state, rng_state
+from cistem_mpi.drivers.runtime.reduce import reduce_sum
 
 __all__ = [
     "Checkpoint",
@@ -54,6 +56,7 @@ __all__ = [
     "map_items",
     "map_tasks",
     "reduce_scatter_z",
+    "reduce_sum",
     "rng_from_state",
     "rng_state",
     "slab_bounds",

@@ -81,6 +81,7 @@ def map_chunks(
     progress: ProgressFn | None = None,
     on_result: Callable[[int, Sequence[Any]], Any] | None = None,
     keep: bool = True,
+    static: bool = False,
 ) -> list[Any] | None:
     """Compute ``n_tasks`` tasks in chunks over the world; gather results on rank 0.
 
@@ -102,6 +103,15 @@ def map_chunks(
         Rank 0: called for each finished chunk in arrival order.
     keep : bool
         Keep all results and return them (set False to stream via on_result).
+    static : bool
+        Fixed assignment instead of first-come-first-served: the chunk
+        boundaries depend only on ``n_tasks`` and the number of workers, and
+        worker ``w`` (rank ``w``) computes chunks ``w-1, w-1+W, w-1+2W, ...``
+        in that order.  For work that *accumulates* into per-rank sums
+        (reconstruction): every rank then adds the same contributions in the
+        same order in every run, so the sums are bit-identical run to run on
+        the same number of ranks (dynamic hand-out makes them depend on which
+        worker asked first).  Costs the load balancing of the dynamic queue.
 
     Returns
     -------
@@ -120,7 +130,7 @@ def map_chunks(
     tag = world.next_tag()
     if world.is_controller:
         return _run_controller(
-            world, tag, n_tasks, payload, chunk_size, min_chunk, max_chunk, progress, on_result, keep
+            world, tag, n_tasks, payload, chunk_size, min_chunk, max_chunk, progress, on_result, keep, static
         )
     _run_worker(world, tag, fn_chunk)
     return None
@@ -196,7 +206,26 @@ def _store(results, start, stop, res, on_result):
 
 
 # ---------------------------------------------------------------------- rank 0
-def _run_controller(world, tag, n, payload, chunk_size, min_chunk, max_chunk, progress, on_result, keep):
+def static_chunks(n: int, n_workers: int, chunk_size: int | None = None, min_chunk: int = 1,
+                  max_chunk: int | None = None) -> list[list[tuple[int, int]]]:
+    """The fixed plan of a static queue: ``plan[w]`` lists worker ``w + 1``'s chunks ``(start, stop)`` in order.
+
+    Guided sizes as the dynamic queue's, cut once from ``n`` alone; chunk k goes to worker k mod W.
+
+    >>> static_chunks(10, 2, chunk_size=3)
+    [[(0, 3), (6, 9)], [(3, 6), (9, 10)]]
+    """
+    plan: list[list[tuple[int, int]]] = [[] for _ in range(max(1, n_workers))]
+    start, k = 0, 0
+    while start < n:
+        stop = start + next_chunk_size(n - start, n_workers, n, chunk_size, min_chunk, max_chunk)
+        plan[k % len(plan)].append((start, stop))
+        start, k = stop, k + 1
+    return plan
+
+
+def _run_controller(world, tag, n, payload, chunk_size, min_chunk, max_chunk, progress, on_result, keep,
+                    static=False):
     from mpi4py import MPI
 
     comm = world.comm
@@ -204,6 +233,8 @@ def _run_controller(world, tag, n, payload, chunk_size, min_chunk, max_chunk, pr
     results: list[Any] | None = [None] * n if keep else None
     active = set(range(1, world.size))  # workers that have not left the queue
     next_start = 0
+    fixed = ({w + 1: collections.deque(c) for w, c in
+              enumerate(static_chunks(n, world.size - 1, chunk_size, min_chunk, max_chunk))} if static else None)
     done = 0
     sends: list[Any] = []
     st = MPI.Status()
@@ -230,7 +261,13 @@ def _run_controller(world, tag, n, payload, chunk_size, min_chunk, max_chunk, pr
             continue
         if kind != _WANT:
             continue
-        if next_start < n:
+        if fixed is not None:
+            if fixed[src]:
+                a, b = fixed[src].popleft()
+                reply = (a, b, payload(a, b) if payload else None)
+            else:
+                reply = None
+        elif next_start < n:
             size = next_chunk_size(n - next_start, world.size - 1, n, chunk_size, min_chunk, max_chunk)
             stop = next_start + size
             reply = (next_start, stop, payload(next_start, stop) if payload else None)
