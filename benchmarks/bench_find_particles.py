@@ -1,0 +1,172 @@
+"""Particle-picking throughput: seconds per 4096^2 micrograph per core (``find-particles``).
+
+One realistic micrograph (:func:`cistem_mpi.drivers.simulate.simulate_micrographs`,
+physics "realistic", 4096^2 at 1.0 Å/pixel by default) is picked
+
+* template-free (cisTEM's disc; highest resolution 30 Å, as cisTEM's GUI), and
+* reference-based with 10 references x 36 in-plane rotations,
+
+by :func:`cistem_mpi.kernels.picking.find_particles` (pyFFTW plans, numba
+peak search and background boxes, cumulative-sum local statistics) and by a
+plain-numpy version of the same steps in the same run (``numpy.fft``, local
+statistics by an FFT convolution with a box, the greedy peak search as
+repeated ``argmax`` + blanking, background boxes as repeated ``argmin``).
+Reading the file is not timed.  Peak memory: ``resource.getrusage``.
+
+Usage::
+
+    python benchmarks/bench_find_particles.py            # 4096^2, 1.0 Å/px
+    python benchmarks/bench_find_particles.py --small    # 2048^2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import tempfile
+import time
+
+import numpy as np
+
+import cistem_mpi.kernels.picking as pk
+from cistem_mpi.drivers.find_particles import view_directions
+from cistem_mpi.drivers.simulate import assembly_map, simulate_micrographs
+from cistem_mpi.io.mrc import read_mrc
+from cistem_mpi.kernels.projection import project
+
+
+class _NumpyFFT:
+    """The subset of :mod:`cistem_mpi.kernels.fft` the picker uses, in plain numpy."""
+
+    @staticmethod
+    def rfftn(a):
+        return np.fft.rfftn(a).astype(np.complex64)
+
+    @staticmethod
+    def irfftn(f, n_last):
+        return np.fft.irfftn(f, s=(f.shape[0], n_last), axes=(0, 1)).astype(np.float32)
+
+    @staticmethod
+    def ft2(a):
+        return np.fft.rfft2(np.fft.ifftshift(a)).astype(np.complex64)
+
+    @staticmethod
+    def ift2(f, nx=None):
+        n = f.shape[-2] if nx is None else nx
+        return np.fft.fftshift(np.fft.irfft2(f, s=(f.shape[-2], n))).astype(np.float32)
+
+
+def _np_local_mean_sigma(image, side):
+    # box means by an FFT convolution of the mirrored image (the same boxes as the kernel's)
+    ny, nx = image.shape
+    h0, h1 = side // 2, side - side // 2
+    a = np.pad(np.asarray(image, dtype=np.float64), ((h0, h1), (h0, h1)), mode="reflect")
+    k = np.zeros_like(a)
+    k[:side, :side] = 1.0 / (side * side)
+    fk = np.conj(np.fft.rfft2(k))
+    m = np.fft.irfft2(np.fft.rfft2(a) * fk, s=a.shape)[:ny, :nx]
+    v = np.fft.irfft2(np.fft.rfft2(a * a) * fk, s=a.shape)[:ny, :nx] - m * m
+    return m.astype(np.float32), np.sqrt(np.clip(v, 0, None)).astype(np.float32)
+
+
+def _np_greedy(score, floor, radius, edge_y=0, edge_x=0):
+    s = np.array(score, dtype=np.float32)
+    ny, nx = s.shape
+    if edge_y:
+        s[:edge_y] = s[ny - edge_y:] = -np.inf
+    if edge_x:
+        s[:, :edge_x] = s[:, nx - edge_x:] = -np.inf
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    out = []
+    while True:
+        k = int(np.argmax(s))
+        y, x = divmod(k, nx)
+        if s[y, x] < floor:
+            break
+        out.append((y, x))
+        s[(yy - y) ** 2 + (xx - x) ** 2 <= radius * radius] = -np.inf
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def _np_background(local_sigma, box, n_boxes):
+    s = np.array(local_sigma, dtype=np.float32)
+    h = box // 2
+    s[:h] = s[-h:] = np.inf
+    s[:, :h] = s[:, -h:] = np.inf
+    out = []
+    for _ in range(n_boxes):
+        k = int(np.argmin(s))
+        y, x = divmod(k, s.shape[1])
+        if not np.isfinite(s[y, x]):
+            break
+        out.append((y, x))
+        s[max(0, y - 2 * h):y + 2 * h + 1, max(0, x - 2 * h):x + 2 * h + 1] = np.inf
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+@contextlib.contextmanager
+def numpy_baseline():
+    """Swap the picker's FFTs, local statistics, peak search and background boxes for plain numpy."""
+    saved = (pk._fft, pk.local_mean_sigma, pk.greedy_peaks, pk.background_boxes)
+    pk._fft, pk.local_mean_sigma, pk.greedy_peaks, pk.background_boxes = (
+        _NumpyFFT, _np_local_mean_sigma, _np_greedy, _np_background)
+    try:
+        yield
+    finally:
+        pk._fft, pk.local_mean_sigma, pk.greedy_peaks, pk.background_boxes = saved
+
+
+def _time(fn, repeat=1):
+    best = np.inf
+    out = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="2048^2 instead of 4096^2")
+    a = ap.parse_args()
+    n, ps = (2048, 1.0) if a.small else (4096, 1.0)
+    with tempfile.TemporaryDirectory() as d:
+        # simulated at 2 Å/px (half the pixels to simulate), then Fourier-padded to n x n at 1 Å/px
+        sim = simulate_micrographs(d, n_micrographs=1, shape=(n // 2, n // 2), n_per_micrograph=400,
+                                   pixel_size=2 * ps, exposure=40.0, seed=1, physics="realistic",
+                                   defocus_mean=17500, defocus_spread=100, astigmatism=200, contamination=2,
+                                   carbon_fraction=0.1)
+        small, _ = read_mrc(sim.micrographs[0])
+        img = pk.fourier_resample(small, (n, n))
+        df1, df2, ang, _ = sim.ctf[0]
+    refs = project(assembly_map(8, 4.0), view_directions(10), method="cubic")
+    params = pk.PickingParams(characteristic_radius=60.0, maximum_radius=100.0, threshold=4.0)
+
+    def free():
+        return pk.find_particles(img, ps, 300.0, 2.7, 0.07, df1, df2, ang, params=params)
+
+    def ref():
+        return pk.find_particles(img, ps, 300.0, 2.7, 0.07, df1, df2, ang, params=params, references=refs,
+                                 reference_pixel_size=4.0)
+
+    free()  # numba compilation, FFT plans
+    rows = []
+    for name, fn in (("template-free", free), ("10 refs x 36 rotations", ref)):
+        t_ours, r_ours = _time(fn)
+        with numpy_baseline():
+            t_np, r_np = _time(fn)
+        same = len(r_ours.x) == len(r_np.x) and np.allclose(r_ours.x, r_np.x, atol=0.5 * r_ours.pixel_size)
+        rows.append((name, t_ours, t_np, len(r_ours.x), same))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"micrograph {n}x{n} at {ps} Å/px, resampled to {rows and r_ours.image.shape} "
+          f"({r_ours.pixel_size:.2f} Å/px); 1 core")
+    print(f"{'mode':26s} {'cistem-mpi s':>13s} {'numpy s':>9s} {'speed-up':>9s} {'picks':>6s} same picks")
+    for name, t1, t2, k, same in rows:
+        print(f"{name:26s} {t1:13.2f} {t2:9.2f} {t2 / t1:9.2f} {k:6d} {same}")
+    print(f"peak RSS {peak:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
