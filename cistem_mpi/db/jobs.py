@@ -207,6 +207,11 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def running_jobs(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every job recorded as running (some may have died)."""
+    return list(conn.execute("SELECT * FROM jobs WHERE status = 'running'"))
+
+
 def mark_dead_jobs(conn: sqlite3.Connection) -> list[int]:
     """Record jobs of this host whose process is gone as failed; return their ids."""
     dead = [int(r["id"]) for r in conn.execute("SELECT * FROM jobs WHERE status = 'running'") if liveness(r) == "died"]

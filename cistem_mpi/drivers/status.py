@@ -44,7 +44,7 @@ def _record_dead_jobs(root: str) -> None:
     from cistem_mpi.errors import CistemError
 
     with Project.open(root, readonly=True) as project:
-        running = list(project.conn.execute("SELECT * FROM jobs WHERE status = 'running'"))
+        running = jobs_db.running_jobs(project.conn)
         if not any(jobs_db.liveness(r) == "died" for r in running):
             return
     try:

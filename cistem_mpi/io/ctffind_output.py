@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cistem_mpi.io.plots import pyplot
+
 __all__ = ["write_ctffind_txt", "write_ctffind_avrot", "read_ctffind_avrot", "write_micrographs_ctf_star",
            "save_ctf_diagnostic_png", "save_ctf_summary_png"]
 
@@ -150,14 +152,6 @@ def write_micrographs_ctf_star(path: str | os.PathLike, rows: Sequence[dict]) ->
     starfile.write({"optics": optics, "micrographs": table}, path, overwrite=True)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def save_ctf_diagnostic_png(path: str | os.PathLike, picture: np.ndarray, frequency: np.ndarray,
                             curves: dict[str, np.ndarray], fit_resolution: float, low_freq: float, high_freq: float,
@@ -172,7 +166,7 @@ def save_ctf_diagnostic_png(path: str | os.PathLike, picture: np.ndarray, freque
     fit_resolution : Å (vertical marker)
     low_freq, high_freq : the fitting range (1/Å), shaded
     """
-    plt = _plt()
+    plt = pyplot()
     fig = plt.figure(figsize=(11, 4.6), dpi=90)
     ax = fig.add_axes([0.01, 0.02, 0.40, 0.88])
     ax.imshow(picture, cmap="gray", vmin=0, vmax=1, origin="lower", interpolation="nearest")
@@ -198,7 +192,7 @@ def save_ctf_diagnostic_png(path: str | os.PathLike, picture: np.ndarray, freque
 def save_ctf_summary_png(path: str | os.PathLike, defocus: np.ndarray, fit_resolution: np.ndarray,
                          title: str = "") -> None:
     """Histograms of mean defocus (µm) and fit resolution (Å) of a job's images."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=90)
     a.hist(np.asarray(defocus) / 1e4, bins=20, color="tab:blue")
     a.set_xlabel("mean defocus (µm)")

@@ -65,9 +65,9 @@ def save_picks_png(path: str | os.PathLike, image: np.ndarray, x_px: np.ndarray,
 
     ``x_px, y_px`` and ``radius_px`` are in pixels of ``image``.
     """
-    from cistem_mpi.io.plots import _plt
+    from cistem_mpi.io.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     h, w = image.shape
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0, 1)
     scale = max(1.0, 800.0 / max(h, w))

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot with the headless Agg backend (every diagnostic picture uses it)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -23,7 +24,7 @@ def _plt():
 
 def save_image_png(path: str | Path, image: np.ndarray, title: str = "") -> None:
     """Save a 2D array as a grey-scale PNG (2–98 % percentile contrast)."""
-    plt = _plt()
+    plt = pyplot()
     lo, hi = np.percentile(image, [2, 98]) if image.size else (0, 1)
     h, w = image.shape
     fig = plt.figure(figsize=(max(4.0, w / 100 * 2 + 0.2), h / 100 * 2 + (0.4 if title else 0.2)), dpi=100)
@@ -55,7 +56,7 @@ def save_fsc_png(
     pixel_size : float
         Å per pixel (sets the Nyquist end of the axis).
     """
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for label, fsc in curves.items():
         ax.plot(resolution_axis, fsc, label=label)
@@ -78,7 +79,7 @@ def save_fsc_png(
 
 def save_gallery_png(path: str | Path, images: np.ndarray, labels: Sequence[str] | None = None, columns: int = 10) -> None:
     """A gallery of 2D images (class averages) in a grid, each with its own contrast."""
-    plt = _plt()
+    plt = pyplot()
     n = len(images)
     columns = max(1, min(columns, n))
     rows = (n + columns - 1) // columns
