@@ -16,6 +16,13 @@ present (4096² at 0.6666 Å and 3838 x 3710 at 0.8538 Å, both resampled to
 ctffind itself on the same EPU files, one core, box 512, defaults, no phase
 shift (measured by the issue author, not by us): 0.74 s and 1.17 s CPU.
 
+With ``CISTEM_BIN`` set to a directory of cisTEM console programs (see
+``benchmarks/peers.py``; cisTEM is never built by this repository), the
+same micrographs are also fitted by cisTEM's ``ctffind`` (box 512, 30-5 Å,
+5,000-50,000 Å in 100 Å steps, no phase shift, one thread) in the same run,
+and its CPU time (``getrusage`` of the child), peak memory and fit are
+printed beside ours.
+
 Usage::
 
     python benchmarks/bench_find_ctf.py            # 2 repeats of each
@@ -29,6 +36,8 @@ import contextlib
 import math
 import os
 import resource
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +45,9 @@ import numpy as np
 
 from cistem_mpi.kernels import ctffind as K
 from cistem_mpi.kernels.ctf import ctf_2d
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 
 SHARED = Path(os.environ.get("CISTEM_MPI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -74,7 +86,7 @@ def plain_numpy():
         K._ncc_2d, K._score_1d_grid, K._fft = saved
 
 
-def _micrographs() -> list[tuple[str, np.ndarray, float]]:
+def _micrographs() -> list[tuple[str, np.ndarray, float, Path | None]]:
     out = []
     for name, px in (("epu2.9_example.mrc", 0.6666), ("fei-extended.mrc", 0.8538)):
         p = SHARED / "mrcfile" / name
@@ -82,14 +94,15 @@ def _micrographs() -> list[tuple[str, np.ndarray, float]]:
             from cistem_mpi.io.mrc import read_mrc
 
             img, _ = read_mrc(p, pixel_size=px)
-            out.append((name, np.asarray(img, np.float32).squeeze(), px))
+            out.append((name, np.asarray(img, np.float32).squeeze(), px, p))
     if not out:
         n, px = 4096, 0.6666
         rng = np.random.default_rng(0)
         ph = rng.normal(size=(n, n)).astype(np.float32) * 0.1
         c = ctf_2d(n, px, 300.0, 2.7, 0.07, 18400.0, 17600.0, 35.0, 0.0, 60.0)
         img = 1 + 2 * np.fft.irfft2(np.fft.rfft2(ph) * c, s=(n, n))
-        out.append(("simulated 4096^2", rng.poisson(np.clip(img, 0, None) * 40 * px * px).astype(np.float32), px))
+        out.append(("simulated 4096^2", rng.poisson(np.clip(img, 0, None) * 40 * px * px).astype(np.float32), px,
+                    None))
     return out
 
 
@@ -112,7 +125,10 @@ def main() -> None:
     K.estimate_ctf(warm, mics[0][2], 300.0, 2.7, 0.07, K.CtffindOptions(box=256, phase_plate=True))
     print(f"{'micrograph':<22} {'search':<12} {'cistem-mpi s':>12} {'numpy s':>9} {'speed-up':>8}   "
           "fit (DF1 DF2 ANGAST PSHIFT)")
-    for name, img, px in mics:
+    peer_rows = []
+    for name, img, px, path in mics:
+        if peers.find_peer("ctffind") is not None:
+            peer_rows.append((name, img, px, path))
         for label, opts in (("no phase", K.CtffindOptions()), ("phase 0-pi", K.CtffindOptions(phase_plate=True))):
             t_ours, r = _time(lambda: K.estimate_ctf(img, px, 300.0, 2.7, 0.07, opts), a.repeats)
             with plain_numpy():
@@ -126,6 +142,23 @@ def main() -> None:
           f"{sum(m[1].nbytes for m in mics) / 2 ** 20:.0f} MB)")
     print("ctffind 4.1, one core, same EPU files, box 512, no phase shift: 0.74 s and 1.17 s CPU "
           "(measured by the issue author)")
+    print(peers.peer_status("ctffind"))
+    if peer_rows:
+        print(f"{'micrograph':<22} {'ctffind s':>9} {'ours s':>7} {'ratio':>6}  {'ctffind DF1 DF2 ANGAST res':<30} "
+              f"{'ours DF1 DF2 ANGAST res':<30} {'ctffind MB':>10}")
+    for name, img, px, path in peer_rows:
+        with tempfile.TemporaryDirectory() as td:
+            if path is None:
+                from cistem_mpi.io.mrc import write_mrc
+
+                path = Path(td) / "micrograph.mrc"
+                write_mrc(path, img, px)
+            fit, run = peers.run_ctffind(path, px, Path(td))
+        t_ours, r = _time(lambda: K.estimate_ctf(img, px, 300.0, 2.7, 0.07, K.CtffindOptions()), a.repeats)
+        theirs = f"{fit['df1']:.0f} {fit['df2']:.0f} {fit['angast']:.1f} {fit['fit_resolution']:.2f}"
+        ours = f"{r.df1:.0f} {r.df2:.0f} {r.angast:.1f} {r.fit_resolution:.2f}"
+        print(f"{name:<22} {run.cpu_s:9.2f} {t_ours:7.2f} {run.cpu_s / t_ours:5.1f}x  {theirs:<30} {ours:<30} "
+              f"{run.peak_mb:10.0f}")
 
 
 if __name__ == "__main__":

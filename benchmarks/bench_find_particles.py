@@ -13,6 +13,14 @@ statistics by an FFT convolution with a box, the greedy peak search as
 repeated ``argmax`` + blanking, background boxes as repeated ``argmin``).
 Reading the file is not timed.  Peak memory: ``resource.getrusage``.
 
+With ``CISTEM_BIN`` set to a directory of cisTEM console programs (see
+``benchmarks/peers.py``; cisTEM is never built by this repository), cisTEM's
+``find_particles`` picks the same micrograph (written to a temporary MRC,
+template-free, the same radii, resolution, threshold and edge, the true CTF)
+in the same run: its CPU time (``getrusage`` of the child, reading the file
+included), peak memory, and both pickers' precision / recall against the
+simulated truth (a pick is right within 0.2 particle diameters).
+
 Usage::
 
     python benchmarks/bench_find_particles.py            # 4096^2, 1.0 Å/px
@@ -24,8 +32,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import resource
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +44,9 @@ from cistem_mpi.drivers.find_particles import view_directions
 from cistem_mpi.drivers.simulate import assembly_map, simulate_micrographs
 from cistem_mpi.io.mrc import read_mrc
 from cistem_mpi.kernels.projection import project
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 
 
 class _NumpyFFT:
@@ -101,7 +114,7 @@ def _np_background(local_sigma, box, n_boxes):
         if not np.isfinite(s[y, x]):
             break
         out.append((y, x))
-        s[max(0, y - 2 * h):y + 2 * h + 1, max(0, x - 2 * h):x + 2 * h + 1] = np.inf
+        s[max(0, y - h):y + h + 1, max(0, x - h):x + h + 1] = np.inf  # its own box (cisTEM)
     return np.array(out, dtype=np.int64).reshape(-1, 2)
 
 
@@ -141,8 +154,10 @@ def main() -> None:
         small, _ = read_mrc(sim.micrographs[0])
         img = pk.fourier_resample(small, (n, n))
         df1, df2, ang, _ = sim.ctf[0]
+        truth = sim.positions[0] * 2 * ps  # Å
+        radius = float(sim.truths[0]["radius_angstrom"][0])
     refs = project(assembly_map(8, 4.0), view_directions(10), method="cubic")
-    params = pk.PickingParams(characteristic_radius=60.0, maximum_radius=100.0, threshold=4.0)
+    params = pk.PickingParams(characteristic_radius=72.5, maximum_radius=100.0, threshold=4.0)
 
     def free():
         return pk.find_particles(img, ps, 300.0, 2.7, 0.07, df1, df2, ang, params=params)
@@ -166,6 +181,36 @@ def main() -> None:
     for name, t1, t2, k, same in rows:
         print(f"{name:26s} {t1:13.2f} {t2:9.2f} {t2 / t1:9.2f} {k:6d} {same}")
     print(f"peak RSS {peak:.0f} MB")
+    print(peers.peer_status("find_particles"))
+    if peers.find_peer("find_particles") is None:
+        return
+    from cistem_mpi.io.mrc import write_mrc
+
+    r_free = free()
+    with tempfile.TemporaryDirectory() as td:
+        mic = Path(td) / "micrograph.mrc"
+        write_mrc(mic, img.astype(np.float32), ps)
+        picks, run = peers.run_find_particles(mic, ps, df1, df2, ang, Path(td), typical_radius=params.characteristic_radius,
+                                              maximum_radius=params.maximum_radius,
+                                              highest_resolution=params.highest_resolution,
+                                              min_distance_from_edges=params.edge, threshold=params.threshold,
+                                              avoid_high_variance=params.avoid_high_variance)
+    edge_a = params.edge * ps
+    print(f"{'template-free picker':26s} {'CPU s':>7s} {'picks':>6s} {'precision':>9s} {'recall':>7s}")
+    for name, t, xy in (("cistem-mpi", rows[0][1], np.stack([r_free.x, r_free.y], 1)),
+                        ("cisTEM find_particles", run.cpu_s, picks[:, :2] * ps)):
+        p_, r_ = _precision_recall(xy, truth, radius, n * ps, edge_a)
+        print(f"{name:26s} {t:7.2f} {len(xy):6d} {p_:9.2f} {r_:7.2f}")
+    print(peers.cpu_line("cisTEM find_particles", run) + " (includes reading the MRC file)")
+
+
+def _precision_recall(xy: np.ndarray, truth: np.ndarray, radius: float, size: float, edge: float):
+    """Picks right within 0.2 diameters of a true centre; recall over particles inside the edge."""
+    inside = np.all((truth > edge + radius) & (truth < size - edge - radius), axis=1)
+    if not len(xy):
+        return 0.0, 0.0
+    d = np.sqrt(((xy[:, None] - truth[None]) ** 2).sum(-1))
+    return float((d.min(1) < 0.4 * radius).mean()), float(((d.min(0) < 0.4 * radius) & inside).sum() / inside.sum())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from helpers_jobs import db_dump
 from runtime_helpers import mpi_cli, run
 
 PS = 3.0
-PICK = ["--characteristic-radius", "60", "--maximum-radius", "100", "--highest-resolution", "10",
+PICK = ["--characteristic-radius", "72.5", "--maximum-radius", "100", "--highest-resolution", "10",
         "--edge", "32", "--threshold", "4"]
 
 

@@ -5,6 +5,12 @@ The specimen: the simulator's default complex (8 copies of PDB 8ZPM on a ring,
 50 e/Å^2 on a counting detector, 2 Å/pixel, with a carbon edge and a
 contamination ball.  A pick is right when within 0.2 particle diameters of a
 true centre.
+
+Measured side by side with cisTEM's ``find_particles`` (built from its public
+source, same micrographs, true CTF, typical radius 72.5 Å, maximum radius
+100 Å, highest resolution 10 Å, edge 64 px, same matching rule): template-free
+at 3 sigma ours P 0.98 / R 0.91, cisTEM P 0.97 / R 0.80; at 4 sigma ours
+P 0.99 / R 0.88, cisTEM P 1.00 / R 0.75.
 """
 
 from __future__ import annotations
@@ -32,18 +38,20 @@ def sim(tmp_path_factory):
 def _pick(sim, i, references=None, threshold=5.0):
     img, _ = read_mrc(sim.micrographs[i])
     df1, df2, ang, _ = sim.ctf[i]
-    p = PickingParams(highest_resolution=10.0, characteristic_radius=60.0, maximum_radius=100.0, edge=EDGE,
+    # characteristic radius as cisTEM's: the disc's cosine edge (5 px) is centred on it
+    p = PickingParams(highest_resolution=10.0, characteristic_radius=72.5, maximum_radius=100.0, edge=EDGE,
                       threshold=threshold)
     return find_particles(img, PS, 300.0, 2.7, 0.07, df1, df2, ang, params=p, references=references,
                           reference_pixel_size=2 * PS)
 
 
-def _metrics(sim, results) -> tuple[float, float]:
+def _metrics(sim, results, threshold: float = 0.0) -> tuple[float, float]:
     tp = n_picks = found = n_true = 0
     for i, r in enumerate(results):
         rad = sim.truths[i]["radius_angstrom"][0]
         pos = sim.positions[i] * PS
-        picks = np.stack([r.x, r.y], 1)
+        keep = r.score >= threshold
+        picks = np.stack([r.x[keep], r.y[keep]], 1)
         # particles whose centre lies where the picker may pick (inside the edge)
         inside = np.all((pos > EDGE * PS + rad) & (pos < N * PS - EDGE * PS - rad), axis=1)
         d = np.sqrt(((picks[:, None] - pos[None]) ** 2).sum(-1)) if len(picks) else np.full((1, len(pos)), 1e9)
@@ -57,7 +65,7 @@ def _metrics(sim, results) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def results(sim):
     refs = project(assembly_map(8, 2 * PS), view_directions(10), method="cubic")
-    free = [_pick(sim, i, None, 4.0) for i in range(2)]
+    free = [_pick(sim, i, None, 3.0) for i in range(2)]
     ref = [_pick(sim, i, refs, 5.0) for i in range(2)]
     return free, ref
 
@@ -69,12 +77,20 @@ def test_reference_based_recall_and_precision_at_least_90_percent(sim, results):
 
 
 @pytest.mark.slow
-def test_template_free_is_precise_and_reference_based_does_at_least_as_well(sim, results):
-    p_free, r_free = _metrics(sim, results[0])
+def test_template_free_reaches_90_percent_at_3_sigma_and_is_precise_at_4(sim, results):
+    # measured: 3 sigma P 0.98 R 0.91; 4 sigma P 0.99 R 0.88 (cisTEM's find_particles: 0.97/0.80, 1.00/0.75)
+    p3, r3 = _metrics(sim, results[0], 3.0)
+    assert p3 >= 0.9 and r3 >= 0.9, (p3, r3)
+    p4, r4 = _metrics(sim, results[0], 4.0)
+    assert p4 >= 0.95 and r4 >= 0.85, (p4, r4)
+
+
+@pytest.mark.slow
+def test_reference_based_does_about_as_well_as_template_free(sim, results):
+    p_free, r_free = _metrics(sim, results[0], 4.0)
     p_ref, r_ref = _metrics(sim, results[1])
-    # cisTEM's disc template on this hollow ring: few false picks, but only half the particles at 4 sigma
-    assert p_free >= 0.9 and r_free >= 0.4, (p_free, r_free)
-    assert r_ref >= r_free and 2 * p_ref * r_ref / (p_ref + r_ref) >= 2 * p_free * r_free / (p_free + r_free)
+    f = lambda p, r: 2 * p * r / (p + r)  # noqa: E731
+    assert f(p_ref, r_ref) >= f(p_free, r_free) - 0.05, (p_ref, r_ref, p_free, r_free)
 
 
 @pytest.mark.slow

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_item_arguments(p)
     p.add_argument("--images", nargs="+", metavar="IMAGE", help="image ids or names (default: every image)")
     p.add_argument("--characteristic-radius", type=float, default=80.0,
-                   help="radius of the disc template, Å (80)")
+                   help="radius of the disc template, Å, at the middle of its 5-pixel cosine edge as "
+                        "cisTEM's (80)")
     p.add_argument("--maximum-radius", type=float, default=120.0,
                    help="maximum particle radius, Å: picks are at least twice this apart (120)")
     p.add_argument("--threshold", type=float, default=6.0, help="minimum peak height, noise sigma (6.0)")

@@ -4,15 +4,16 @@ The steps follow cisTEM's ``find_particles`` (``src/core/particle_finder.cpp``):
 
 1. the micrograph is resampled (Fourier crop) to about half the highest
    resolution used per pixel, phase-flipped with its CTF and high-passed
-   with a cosine edge from 2/N to 4/N (removes ice-thickness ramps);
+   with a cosine from 0 at DC to 1 at 20/N (removes ice-thickness ramps);
 2. the template is a disc of the characteristic radius with a 5-pixel
    cosine edge (template-free) or each reference at each in-plane rotation;
    its radial amplitude spectrum (normalised to a maximum of 1) band-passes
    the micrograph, whose local mean and local standard deviation over a
    square of side twice the maximum radius give the area statistics;
 3. the noise spectrum is the radial power spectrum averaged over the boxes
-   (side 2 r_max + 2) of lowest local standard deviation (plain ice); its
-   inverse square root whitens the micrograph (unit-variance white noise);
+   (side 2 r_max + 2) of lowest local standard deviation (plain ice; each
+   box blanks only itself, so boxes may overlap as in cisTEM); its inverse
+   square root whitens the micrograph (unit-variance white noise);
 4. each template is multiplied by |CTF| and by the whitening filter, made
    zero at its edge and of unit sum of squares (Sigworth 2004's matched
    filter), so its cross-correlation with the whitened micrograph is the
@@ -54,7 +55,8 @@ class PickingParams:
     Attributes
     ----------
     characteristic_radius : float
-        Å, radius of the disc template (80).
+        Å, radius of the disc template, at the middle of its 5-pixel cosine
+        edge as cisTEM's (80).
     maximum_radius : float
         Å; picks are at least twice this apart, boxes for the statistics
         have side twice this (120).
@@ -194,10 +196,15 @@ def fourier_resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     1.0
     """
     ny, nx = image.shape
-    my, mx = shape
-    if (my, mx) == (ny, nx):
+    if tuple(shape) == (ny, nx):
         return np.asarray(image, dtype=np.float32).copy()
-    f = _fft.rfftn(np.asarray(image, dtype=np.float32))
+    return _resample_ft(_fft.rfftn(np.asarray(image, dtype=np.float32)), (ny, nx), shape)
+
+
+def _resample_ft(f: np.ndarray, full: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """:func:`fourier_resample` from the image's rfft ``f`` (of an image of shape ``full``)."""
+    ny, nx = full
+    my, mx = shape
     out = np.zeros((my, mx // 2 + 1), dtype=np.complex64)
     hy = min(ny, my) // 2
     hx = min(nx // 2 + 1, mx // 2 + 1)
@@ -252,17 +259,20 @@ def radial_filter(ny: int, nx: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _cosine_highpass(ny: int, nx: int) -> np.ndarray:
-    """cisTEM's high-pass: 0 below 2/N cycles/pixel, cosine edge to 1 at 4/N (N = x size)."""
+    """cisTEM's high-pass (``CosineMask(10/N, 20/N, invert)``): a cosine from 0 at DC to 1 at 20/N
+    cycles/pixel, one half at 10/N (N = x size)."""
     r = _radius_grid(ny, nx)
-    lo, hi = 2.0 / nx, 4.0 / nx
-    m = np.where(r <= lo, 0.0, np.where(r >= hi, 1.0, 0.5 * (1.0 - np.cos(np.pi * (r - lo) / (hi - lo)))))
+    hi = 20.0 / nx
+    m = np.where(r >= hi, 1.0, 0.5 * (1.0 - np.cos(np.pi * r / hi)))
     return m.astype(np.float32)
 
 
 def prepare_micrograph(image: np.ndarray, pixel_size: float, highest_resolution: float, voltage: float,
                        cs: float, amplitude_contrast: float, df1: float, df2: float, angast: float,
-                       pshift: float = 0.0) -> tuple[np.ndarray, float, float]:
+                       pshift: float = 0.0, image_ft: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """Resample to ~resolution/2 per pixel, phase-flip with the CTF, cosine high-pass.
+
+    ``image_ft``, if given, is ``kernels.fft.rfftn(image)`` (saves that transform).
 
     Returns
     -------
@@ -280,7 +290,10 @@ def prepare_micrograph(image: np.ndarray, pixel_size: float, highest_resolution:
     """
     ny, nx = image.shape
     my, mx = resampled_shape((ny, nx), pixel_size, highest_resolution)
-    small = fourier_resample(image, (my, mx))
+    if image_ft is not None and (my, mx) != (ny, nx):
+        small = _resample_ft(image_ft, (ny, nx), (my, mx))
+    else:
+        small = fourier_resample(image, (my, mx))
     px, py = pixel_size * nx / mx, pixel_size * ny / my
     f = _fft.rfftn(small)
     # CTF on the anisotropic grid of the resampled image (px == py to < 1 % in practice)
@@ -291,16 +304,19 @@ def prepare_micrograph(image: np.ndarray, pixel_size: float, highest_resolution:
 
 
 def disc_template(box: int, radius_px: float, edge_px: float = 5.0) -> np.ndarray:
-    """A disc of 1 inside ``radius_px`` falling to 0 with a cosine edge of ``edge_px`` (centre box//2).
+    """A disc of radius ``radius_px`` with a cosine edge of width ``edge_px`` centred on that radius
+    (cisTEM's ``CosineMask(radius, edge)``: 1 inside ``radius - edge/2``, 0.5 at ``radius``, 0 beyond
+    ``radius + edge/2``; centre box//2).
 
     >>> t = disc_template(32, 8.0)
-    >>> float(t[16, 16]), float(t[16, 30])
-    (1.0, 0.0)
+    >>> float(t[16, 16]), float(t[16, 24]), float(t[16, 30])
+    (1.0, 0.5, 0.0)
     """
     y, x = np.mgrid[0:box, 0:box] - box // 2
     r = np.sqrt(x * x + y * y)
-    t = np.where(r <= radius_px, 1.0,
-                 np.where(r >= radius_px + edge_px, 0.0, 0.5 * (1.0 + np.cos(np.pi * (r - radius_px) / edge_px))))
+    r0 = max(radius_px - 0.5 * edge_px, 0.0)
+    t = np.where(r <= r0, 1.0,
+                 np.where(r >= r0 + edge_px, 0.0, 0.5 * (1.0 + np.cos(np.pi * (r - r0) / edge_px))))
     return t.astype(np.float32)
 
 
@@ -371,7 +387,9 @@ def mode_and_fwhm(values: np.ndarray, n_bins: int = 100) -> tuple[float, float]:
 
 @njit(cache=True)
 def _lowest_boxes(sig, n_boxes, half, edge):
-    # greedy: lowest local sigma, each blanking a square of side 2*half+1 (box side 2*half)
+    # greedy: lowest local sigma, each blanking its own box (side 2*half+1), as cisTEM's
+    # SetAreaToIgnore: boxes may overlap by up to half their side, so that they all come from
+    # the emptiest areas even on a small micrograph
     ny, nx = sig.shape
     work = sig.copy()
     out = np.empty((n_boxes, 2), np.int64)
@@ -389,14 +407,17 @@ def _lowest_boxes(sig, n_boxes, half, edge):
             break
         out[m, 0], out[m, 1] = by, bx
         m += 1
-        for y in range(max(0, by - 2 * half), min(ny, by + 2 * half + 1)):
-            for x in range(max(0, bx - 2 * half), min(nx, bx + 2 * half + 1)):
+        for y in range(max(0, by - half), min(ny, by + half + 1)):
+            for x in range(max(0, bx - half), min(nx, bx + half + 1)):
                 work[y, x] = big
     return out[:m]
 
 
 def background_boxes(local_sigma: np.ndarray, box: int, n_boxes: int) -> np.ndarray:
-    """Centres (y, x) of up to ``n_boxes`` non-overlapping ``box``-sized areas of lowest local sigma.
+    """Centres (y, x) of up to ``n_boxes`` ``box``-sized areas of lowest local sigma (cisTEM).
+
+    Each chosen centre blanks its own box, so the next centre lies outside
+    it (boxes overlap by at most half their side).
 
     >>> import numpy as np
     >>> s = np.ones((40, 40), np.float32); s[20, 20] = 0
@@ -604,8 +625,13 @@ def find_particles(image: np.ndarray, pixel_size: float, voltage: float, cs: flo
     """
     p = PickingParams() if params is None else params
     ny, nx = image.shape
+    image = np.asarray(image, dtype=np.float32)
+    # one transform of the full micrograph serves the picking image and the raw area statistics
+    full_ft = None
+    if resampled_shape((ny, nx), pixel_size, p.highest_resolution) != (ny, nx):
+        full_ft = _fft.rfftn(image)
     mic, px, py = prepare_micrograph(image, pixel_size, p.highest_resolution, voltage, cs, amplitude_contrast,
-                                     df1, df2, angast, pshift)
+                                     df1, df2, angast, pshift, image_ft=full_ft)
     my, mx = mic.shape
     ps = 0.5 * (px + py)
     rmax = p.maximum_radius / ps
@@ -636,7 +662,8 @@ def find_particles(image: np.ndarray, pixel_size: float, voltage: float, cs: flo
     side = max(2, int(round(2 * rmax)))
     lmean, lsig = local_mean_sigma(bp, side)
     if p.area_statistics == "raw":
-        raw = fourier_resample(np.asarray(image, dtype=np.float32), (my, mx))
+        raw = (_resample_ft(full_ft, (ny, nx), (my, mx)) if full_ft is not None
+               else fourier_resample(image, (my, mx)))
         lmean, _ = local_mean_sigma(raw, side)
     elif p.area_statistics != "cistem":
         raise ValueError("area_statistics must be 'raw' or 'cistem'")
@@ -660,9 +687,9 @@ def find_particles(image: np.ndarray, pixel_size: float, voltage: float, cs: flo
     bg = ps_sum / len(centres)
     wx = np.linspace(0.0, np.sqrt(2.0) * 0.5, bbox + 1)
     wx = 0.5 * (wx[1:] + wx[:-1])
+    # 1 / sqrt(noise power), 0 where there is none (cisTEM: no cap, so the whitening also restores
+    # the frequencies the high-pass only attenuated)
     wcurve = np.where(bg > 0, 1.0 / np.sqrt(np.maximum(bg, 1e-30)), 0.0)
-    # frequencies removed by the high-pass carry no noise: keep the filter finite there
-    wcurve = np.minimum(wcurve, float(np.max(wcurve[wx > 4.0 / mx])) if np.any(wx > 4.0 / mx) else wcurve.max())
     whitened = mf * radial_filter(my, mx, wx, wcurve)
     # template grid filters
     c = ctf_2d(tbox, ps, voltage, cs, amplitude_contrast, df1, df2, angast, pshift, half=True)
