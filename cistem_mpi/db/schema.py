@@ -216,6 +216,7 @@ CREATE TABLE classification_2d_classes (
     rank              INTEGER,
     PRIMARY KEY (classification_id, class_number)
 );
+ALTER TABLE classification_2d_classes ADD COLUMN selected INTEGER NOT NULL DEFAULT 0;
 
 ALTER TABLE particle_stacks ADD COLUMN protein_is_white INTEGER NOT NULL DEFAULT 0;
 """
