@@ -44,19 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--gain-flip-y", action="store_true")
     m.add_argument("--eer-fractions", type=int, help="EER: group frames into this many fractions")
     m.add_argument("--eer-upsampling", type=int, default=1, choices=(1, 2, 4))
-    m.set_defaults(func=lambda a: run_job(a, "import", _import_movies))
+    m.set_defaults(func=lambda a: run_job(a, "import_movies", _import_movies))
 
     i = isub.add_parser("images", help="micrographs (MRC)")
     add_job_arguments(i)
     i.add_argument("files", nargs="+")
     optics(i, required=False)
-    i.set_defaults(func=lambda a: run_job(a, "import", _import_images))
+    i.set_defaults(func=lambda a: run_job(a, "import_images", _import_images))
 
     c = isub.add_parser("ctf", help="CTF estimates of imported images (RELION micrographs_ctf.star, CTFFIND .txt)")
     add_job_arguments(c)
     c.add_argument("files", nargs="+", help="RELION micrographs_ctf.star or CTFFIND4/5 output .txt files")
     c.add_argument("--image", help="image (name or id) for a file that names no micrograph (one file only)")
-    c.set_defaults(func=lambda a: run_job(a, "import", _import_ctf))
+    c.set_defaults(func=lambda a: run_job(a, "import_ctf", _import_ctf))
 
     q = isub.add_parser("positions",
                         help="particle positions on imported images (RELION coordinate/particle .star, .box, x y text)")
@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("files", nargs="+", help="RELION autopick/particle .star or coordinate-file list, "
                                             ".box, or text with x y in pixels (0 = first pixel)")
     q.add_argument("--image", help="image (name or id) for a file that names no micrograph (one file only)")
-    q.set_defaults(func=lambda a: run_job(a, "import", _import_positions))
+    q.set_defaults(func=lambda a: run_job(a, "import_positions", _import_positions))
 
     s = isub.add_parser("particles", help="a particle stack with .par/.star parameters -> refinement package")
     add_job_arguments(s)
@@ -77,14 +77,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--name", help="refinement package name (default: stack file name)")
     s.add_argument("--molecular-weight", type=float, help="kDa")
     s.add_argument("--largest-dimension", type=float, help="Å")
-    s.set_defaults(func=lambda a: run_job(a, "import", _import_particles))
+    s.set_defaults(func=lambda a: run_job(a, "import_particles", _import_particles))
 
     v = isub.add_parser("volume", help="a 3D map (MRC)")
     add_job_arguments(v)
     v.add_argument("file")
     v.add_argument("--pixel-size", type=float)
     v.add_argument("--name", help="display name (default: file name)")
-    v.set_defaults(func=lambda a: run_job(a, "import", _import_volume))
+    v.set_defaults(func=lambda a: run_job(a, "import_volume", _import_volume))
 
 
 def add_contrast_arguments(p: argparse.ArgumentParser) -> None:
