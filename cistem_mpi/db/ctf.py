@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+from cistem_mpi.db.selection import by_id_or_name
+
 __all__ = ["images_to_fit", "estimate_count", "newest_estimates", "output_path_taken"]
 
 
@@ -31,18 +33,8 @@ def images_to_fit(conn: sqlite3.Connection, selection: Sequence[str] | None = No
     """
     sql = ("SELECT id, name, path, unweighted_path, nx, ny, pixel_size, voltage, cs, amplitude_contrast "
            "FROM images")
-    args: list = []
-    if selection:
-        ids = [int(s) for s in selection if str(s).isdigit()]
-        names = [str(s) for s in selection if not str(s).isdigit()]
-        where = []
-        if ids:
-            where.append(f"id IN ({','.join('?' * len(ids))})")
-            args += ids
-        if names:
-            where.append(f"name IN ({','.join('?' * len(names))})")
-            args += names
-        sql += " WHERE " + " OR ".join(where)
+    where, args = by_id_or_name(selection, "")
+    sql += " WHERE " + where
     return list(conn.execute(sql + " ORDER BY id", args))
 
 

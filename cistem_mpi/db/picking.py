@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+from cistem_mpi.db.selection import by_id_or_name
+
 __all__ = ["images_to_pick", "positions_of_job"]
 
 
@@ -36,18 +38,8 @@ def images_to_pick(conn: sqlite3.Connection, selection: Sequence[str] | None = N
            "e.id AS ctf_id, e.df1, e.df2, e.angast, e.pshift, e.poor_fit "
            "FROM images i LEFT JOIN ctf_estimates e ON e.id = "
            "(SELECT max(id) FROM ctf_estimates WHERE image_id = i.id)")
-    args: list = []
-    if selection:
-        ids = [int(s) for s in selection if str(s).isdigit()]
-        names = [str(s) for s in selection if not str(s).isdigit()]
-        where = []
-        if ids:
-            where.append(f"i.id IN ({','.join('?' * len(ids))})")
-            args += ids
-        if names:
-            where.append(f"i.name IN ({','.join('?' * len(names))})")
-            args += names
-        sql += " WHERE " + " OR ".join(where)
+    where, args = by_id_or_name(selection, "i")
+    sql += " WHERE " + where
     return list(conn.execute(sql + " ORDER BY i.id", args))
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from cistem_mpi.db import ctf as ctf_db
 from cistem_mpi.db.project import Project
-from cistem_mpi.drivers.itemjob import ItemContext, ItemOutcome, ItemPlan, add_item_arguments, run_item_job
+from cistem_mpi.drivers.itemjob import check_selection, ItemContext, ItemOutcome, ItemPlan, add_item_arguments, run_item_job
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options
 from cistem_mpi.errors import InputError
 
@@ -117,15 +117,8 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
 def plan(project: Project, args: argparse.Namespace) -> ItemPlan:
     """One item per image; every image checked (size, optics, Nyquist) before any work."""
     rows = ctf_db.images_to_fit(project.conn, args.images)
-    if not rows:
-        raise InputError("--images" if args.images else "--project",
-                         "no such image in this project" if args.images else
-                         "the project has no images (import images or run align-movies first)")
-    if args.images:
-        found = {str(r["id"]) for r in rows} | {str(r["name"]) for r in rows}
-        for s in args.images:
-            if str(s) not in found:
-                raise InputError("--images", f"no image '{s}' in this project")
+    check_selection(rows, args.images, "image", "--images",
+                    "the project has no images (import images or run align-movies first)")
     counts = ctf_db.estimate_count(project.conn)
     settings = _settings(args)
     items, names = [], []

@@ -33,7 +33,7 @@ import numpy as np
 
 from cistem_mpi.db import picking as picking_db
 from cistem_mpi.db.project import Project
-from cistem_mpi.drivers.itemjob import ItemContext, ItemOutcome, ItemPlan, add_item_arguments, run_item_job
+from cistem_mpi.drivers.itemjob import check_selection, ItemContext, ItemOutcome, ItemPlan, add_item_arguments, run_item_job
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options
 from cistem_mpi.errors import InputError
 
@@ -205,15 +205,8 @@ def view_directions(n: int) -> np.ndarray:
 def plan(project: Project, args: argparse.Namespace) -> ItemPlan:
     """One item per image with a usable CTF estimate; everything checked before any work."""
     rows = picking_db.images_to_pick(project.conn, args.images)
-    if not rows:
-        raise InputError("--images" if args.images else "--project",
-                         "no such image in this project" if args.images else
-                         "the project has no images (import images or run align-movies first)")
-    if args.images:
-        found = {str(r["id"]) for r in rows} | {str(r["name"]) for r in rows}
-        for s in args.images:
-            if str(s) not in found:
-                raise InputError("--images", f"no image '{s}' in this project")
+    check_selection(rows, args.images, "image", "--images",
+                    "the project has no images (import images or run align-movies first)")
     refs, rps = _references(project, args)
     items, names, skipped = [], [], []
     run = 1

@@ -43,7 +43,8 @@ from cistem_mpi.drivers.runtime import Stopped, Terminated, WorkerFailed, map_it
 from cistem_mpi.drivers.runtime import array as array_mode
 from cistem_mpi.errors import CistemError, InputError
 
-__all__ = ["ItemPlan", "ItemOutcome", "ItemContext", "add_item_arguments", "run_item_job", "compute_items"]
+__all__ = ["ItemPlan", "ItemOutcome", "ItemContext", "add_item_arguments", "run_item_job", "compute_items",
+           "check_selection"]
 
 #: File holding the pickled :class:`ItemPlan` of an array step, beside ``plan.json``.
 ITEMS_FILE = "items.pkl"
@@ -154,6 +155,39 @@ def _outcome(index: int, name: str, status: str, value: Any, staged: list[tuple[
     if status == "ok":
         return ItemOutcome(index, name, value, None, list(staged))
     return ItemOutcome(index, name, None, str(value), [])
+
+
+def check_selection(rows: list[Any], selection: list[str] | None, what: str, option: str, none_message: str) -> None:
+    """Refuse an empty plan or a selected id/name that matched no row (rank 0, before any work).
+
+    Parameters
+    ----------
+    rows : list of sqlite3.Row
+        The rows the selection matched (with ``id`` and ``name``).
+    selection : list of str, optional
+        What the user typed (ids or names); None = everything.
+    what, option : str
+        ``"image"`` and ``"--images"``, for the messages.
+    none_message : str
+        Why there is nothing at all when nothing was selected.
+
+    Raises
+    ------
+    InputError
+
+    >>> check_selection([{"id": 1, "name": "a"}], ["a", "1"], "image", "--images", "none")
+    >>> check_selection([], None, "image", "--images", "no images")
+    Traceback (most recent call last):
+    cistem_mpi.errors.InputError: --project: no images
+    """
+    if not rows:
+        raise InputError(option if selection else "--project",
+                         f"no such {what} in this project" if selection else none_message)
+    if selection:
+        found = {str(r["id"]) for r in rows} | {str(r["name"]) for r in rows}
+        for s in selection:
+            if str(s) not in found:
+                raise InputError(option, f"no {what} '{s}' in this project")
 
 
 def add_item_arguments(parser: argparse.ArgumentParser) -> None:

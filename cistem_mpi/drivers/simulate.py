@@ -44,6 +44,7 @@ import numpy as np
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.params import Optics, ParticleSet, empty_params
 from cistem_mpi.kernels import fft as _fft
+from cistem_mpi.kernels.fft import nice_size
 from cistem_mpi.kernels.euler import matrix_to_euler, random_rotations, rotation_matrix
 from cistem_mpi.kernels.masks import sphere_mask
 from cistem_mpi.kernels.projection import prepare_volume_ft
@@ -564,17 +565,6 @@ class _Particles:
         return cls(vfts, np.array(radii), box, f / f.sum())
 
 
-def _nice_size(n: int) -> int:
-    while True:
-        m = n
-        for q in (2, 3, 5):
-            while m % q == 0:
-                m //= q
-        if m == 1 and n % 2 == 0:
-            return n
-        n += 1
-
-
 def _physical_intensity(parts: "_Particles", rng: np.random.Generator, shape: tuple[int, int],
                         pixel_size: float, n_particles: int, voltage: float, cs: float,
                         amplitude_contrast: float, df: tuple[float, float, float], pshift: float,
@@ -617,8 +607,8 @@ def _physical_intensity(parts: "_Particles", rng: np.random.Generator, shape: tu
         k = min(k, float(np.sqrt(4.0 * np.log(100.0) / ctf_bfactor)))
     dmax = max(df[0], df[1]) + (float(np.abs(dfo).max()) if n else 0.0)
     deloc = lam * dmax * k + lam ** 3 * cs * 1e7 * k ** 3
-    pbox = _nice_size(parts.box + 2 * int(np.ceil(deloc / pixel_size)) + 8)
-    pbox = min(pbox, _nice_size(max(parts.box, min(4 * parts.box, max(ny, nx)))))
+    pbox = nice_size(parts.box + 2 * int(np.ceil(deloc / pixel_size)) + 8)
+    pbox = min(pbox, nice_size(max(parts.box, min(4 * parts.box, max(ny, nx)))))
     fts = np.empty((n, pbox, pbox // 2 + 1), np.complex64)
     for c, vft in enumerate(parts.vfts):
         sel = np.nonzero(classes == c)[0]

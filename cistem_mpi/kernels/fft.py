@@ -41,7 +41,7 @@ except Exception:  # pragma: no cover - exercised only without pyfftw
 
 __all__ = [
     "rfftn", "irfftn", "fftn", "ifftn", "ft2", "ift2", "ftn", "iftn",
-    "plan_cache_info", "clear_plan_cache", "use_pyfftw",
+    "plan_cache_info", "clear_plan_cache", "use_pyfftw", "nice_size",
 ]
 
 _lock = threading.Lock()
@@ -244,3 +244,20 @@ def iftn(f: np.ndarray, nx: int | None = None) -> np.ndarray:
     f = np.asarray(f)
     n = f.shape[0] if nx is None else nx
     return np.fft.fftshift(irfftn(f, n))
+
+
+def nice_size(n: int) -> int:
+    """Smallest even integer >= n with no prime factor above 5 (a fast FFT size).
+
+    >>> nice_size(97), nice_size(1000)
+    (100, 1000)
+    """
+    n = max(2, int(n))
+    while True:
+        m = n
+        for q in (2, 3, 5):
+            while m % q == 0:
+                m //= q
+        if m == 1 and n % 2 == 0:
+            return n
+        n += 1

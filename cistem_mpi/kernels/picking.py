@@ -38,6 +38,7 @@ import numpy as np
 from numba import njit
 
 from cistem_mpi.kernels import fft as _fft
+from cistem_mpi.kernels.fft import nice_size
 from cistem_mpi.kernels.ctf import ctf_2d
 
 __all__ = [
@@ -144,23 +145,6 @@ class PickResult:
 # --------------------------------------------------------------------------
 # sizes and resampling
 # --------------------------------------------------------------------------
-
-def nice_size(n: int) -> int:
-    """Smallest even integer >= n with no prime factor above 5.
-
-    >>> nice_size(97), nice_size(1000)
-    (100, 1000)
-    """
-    n = max(2, int(n))
-    while True:
-        m = n
-        for q in (2, 3, 5):
-            while m % q == 0:
-                m //= q
-        if m == 1 and n % 2 == 0:
-            return n
-        n += 1
-
 
 def resampled_shape(shape: tuple[int, int], pixel_size: float, highest_resolution: float) -> tuple[int, int]:
     """Size of the micrograph resampled to ~``highest_resolution / 2`` Å per pixel (never enlarged).
