@@ -44,8 +44,10 @@ COMMAND_MODULES: dict[str, str] = {
     "manual-refine": "refine",
     "mpi-check": "mpi_check",
     "package": "package",
+    "pipeline": "pipeline",
     "project": "project",
     "reconstruct": "reconstruct",
+    "report": "report",
     "simulate": "simulate",
     "status": "status",
 }
