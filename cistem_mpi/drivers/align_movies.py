@@ -13,8 +13,10 @@ dynamic queue (:mod:`cistem_mpi.drivers.itemjob`).  Per movie:
    80 Å, B-factor 1500 Å², 1 Å termination, 20 iterations);
 3. local motion on a patch grid (default 5 x 5 for movies of 2k or larger;
    ``--full-frame-only`` off, ``--patches C R`` to choose);
-4. frames are read again and summed with their shifts: the dose-weighted sum
-   (Grant & Grigorieff 2015, restore noise power) and the unweighted sum.
+4. the frames' full-resolution transforms (kept from the one read; movies larger
+   than ``KEEP_FULL_MAX_BYTES`` are read again instead) are summed with their
+   shifts, in Fourier space in one pass: the dose-weighted sum (Grant &
+   Grigorieff 2015, restore noise power) and the unweighted sum.
 
 Outputs (cisTEM's layout): ``Assets/Images/<name>.mrc`` (dose-weighted sum,
 float32, pixel size in the header; optionally ``--output-binning``),
@@ -46,6 +48,9 @@ LOCAL_DEFAULT_MIN_SIZE = 2048
 SCALED_SIZE = 1024
 #: Box of the power spectrum.
 SPECTRUM_BOX = 512
+#: Keep the full-resolution frame transforms for the sums (one read of the movie) up to this size;
+#: larger movies are read a second time instead.
+KEEP_FULL_MAX_BYTES = 6e9
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -281,8 +286,8 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
     from cistem_mpi.io.motion_files import read_defects, save_trajectory_png, write_motion_star, write_shifts
     from cistem_mpi.io.mrc import write_mrc
     from cistem_mpi.kernels.dose import DoseWeighter
-    from cistem_mpi.kernels.motion import AlignmentSettings, MovieAligner, MovieSummer, prepare_frame
-    from cistem_mpi.kernels.resample import fourier_crop
+    from cistem_mpi.kernels import fft as _fft
+    from cistem_mpi.kernels.motion import AlignmentSettings, MovieAligner, MovieSummer, fourier_crop_half, prepare_frame
     from cistem_mpi.kernels.spectra import tiled_power_spectrum
 
     path = Path(item["path"])
@@ -328,9 +333,12 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
                     raise InputError(path, f"frame {i + 1} cannot be read: {exc}") from None
                 yield i, prepare_frame(raw, gain, dark, defects, options["outlier_sigma"])
 
-        aligner = MovieAligner((ny, nx), n, ps, dose, settings)
+        # one read: the full-resolution transforms are kept (unblur keeps its frames too) unless too big
+        keep_full = n * ny * (nx // 2 + 1) * 8 <= KEEP_FULL_MAX_BYTES
+        aligner = MovieAligner((ny, nx), n, ps, dose, settings, keep_full=keep_full)
         for i, f in frames():
             aligner.add(i, f)
+        full = aligner.full
         shifts = aligner.align()
         model = aligner.align_local(patches) if patches else None
         aligner.release()
@@ -341,8 +349,13 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
         weighter = (DoseWeighter((my, mx), out_ps, dose, options["pre_exposure"], item["voltage"])
                     if options["dose_weighting"] else None)
         summer = MovieSummer((ny, nx), (my, mx), weighter, model, options["restore_power"])
-        for i, f in frames():
-            summer.add(i, f, shifts[i, 0], shifts[i, 1])
+        if full is not None:
+            for i in range(n):
+                summer.add_ft(i, full[i], shifts[i, 0], shifts[i, 1])
+            del full
+        else:  # second read
+            for i, f in frames():
+                summer.add(i, f, shifts[i, 0], shifts[i, 1])
         weighted, unweighted = summer.finish()
     finally:
         movie.close()
@@ -355,7 +368,8 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
     write_mrc(stage(out["unweighted"]), unweighted.astype(np.float32), out_ps)
     scale = max(1.0, max(my, mx) / SCALED_SIZE)
     sy_, sx_ = max(2, int(round(my / scale))), max(2, int(round(mx / scale)))
-    scaled = fourier_crop(image, (sy_, sx_)) if scale > 1 else image
+    # binned by Fourier cropping of one real transform (mean kept, as kernels.resample.fourier_crop)
+    scaled = _fft.irfftn(fourier_crop_half(_fft.rfftn(image), my, mx, sy_, sx_), sx_) if scale > 1 else image
     write_mrc(stage(out["scaled"]), scaled.astype(np.float32), out_ps * mx / sx_)
     box = min(SPECTRUM_BOX, (min(my, mx) // 2) * 2)
     spectrum = tiled_power_spectrum(unweighted, box)

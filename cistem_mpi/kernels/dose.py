@@ -156,9 +156,13 @@ class DoseWeighter:
         self.pre_exposure = float(pre_exposure)
         self.sum_sq = np.zeros(k.shape, dtype=np.float64)
 
+    def exposure(self, frame: int) -> float:
+        """Exposure (e/Å²) at the end of frame ``frame`` (0-based)."""
+        return self.pre_exposure + (frame + 1) * self.exposure_per_frame
+
     def weights(self, frame: int, accumulate: bool = True) -> np.ndarray:
         """Weight of frame ``frame`` (0-based); adds its square to :attr:`sum_sq`."""
-        n = self.pre_exposure + (frame + 1) * self.exposure_per_frame
+        n = self.exposure(frame)
         q = np.exp(self._minus_half_over_ne * np.float32(n))
         q[0, 0] = 1.0
         if accumulate:

@@ -58,7 +58,7 @@ __all__ = [
     "AlignmentSettings", "replace_outliers", "fill_defects", "prepare_frame",
     "fourier_crop_half", "bfactor_filter", "peak_parabola", "savitzky_golay", "polynomial_smooth",
     "phase_shift_half", "align_stack", "MovieAligner", "DeformationModel", "fit_deformation",
-    "patch_layout", "align_patches", "warp_add", "MovieSummer", "trajectory_rms",
+    "patch_layout", "align_patches", "warp_add", "warp_add_pair", "MovieSummer", "trajectory_rms", "good_fft_size",
 ]
 
 
@@ -157,6 +157,29 @@ def prepare_frame(raw: np.ndarray, gain: np.ndarray | None = None, dark: np.ndar
     >>> float(prepare_frame(np.full((4, 4), 2, np.uint16), gain=np.full((4, 4), 0.5, np.float32)).mean())
     1.0
     """
+    raw = np.ascontiguousarray(raw)
+    if raw.ndim != 2 or raw.dtype.kind not in "uif" or (gain is not None and gain.shape != raw.shape) \
+            or (dark is not None and dark.shape != raw.shape):
+        return _prepare_frame_numpy(raw, gain, dark, defects, outlier_sigma)
+    f = np.empty(raw.shape, np.float32)
+    one = np.ones((1, 1), np.float32)
+    g = one if gain is None else np.ascontiguousarray(gain, dtype=np.float32)
+    d = one if dark is None else np.ascontiguousarray(dark, dtype=np.float32)
+    # one pass over the integers: (raw - dark) * gain in float32 and the frame's sum and sum of squares
+    s1, s2 = _correct_frame(raw, g, d, gain is not None, dark is not None, f)
+    if defects is not None:
+        fill_defects(f, defects)
+    if outlier_sigma and outlier_sigma > 0:
+        if defects is not None:
+            s1, s2 = _frame_moments(f)
+        npx = f.size
+        mean = s1 / npx
+        sd = math.sqrt(max(s2 / npx - mean * mean, 0.0))
+        _clip_outliers(f, mean - outlier_sigma * sd, mean + outlier_sigma * sd, np.float32(mean))
+    return f
+
+
+def _prepare_frame_numpy(raw, gain, dark, defects, outlier_sigma):
     f = np.asarray(raw, dtype=np.float32)
     if f is raw:
         f = f.copy()
@@ -169,6 +192,51 @@ def prepare_frame(raw: np.ndarray, gain: np.ndarray | None = None, dark: np.ndar
     if outlier_sigma and outlier_sigma > 0:
         replace_outliers(f, outlier_sigma)
     return f
+
+
+@njit(cache=True)
+def _correct_frame(raw, gain, dark, has_gain, has_dark, out):
+    ny, nx = raw.shape
+    s1 = 0.0
+    s2 = 0.0
+    for y in range(ny):
+        r1 = 0.0
+        r2 = 0.0
+        for x in range(nx):
+            v = np.float32(raw[y, x])
+            if has_dark:
+                v = v - dark[y, x]
+            if has_gain:
+                v = v * gain[y, x]
+            out[y, x] = v
+            r1 += v
+            r2 += v * np.float64(v)
+        s1 += r1
+        s2 += r2
+    return s1, s2
+
+
+@njit(cache=True)
+def _frame_moments(f):
+    ny, nx = f.shape
+    s1 = 0.0
+    s2 = 0.0
+    for y in range(ny):
+        for x in range(nx):
+            v = np.float64(f[y, x])
+            s1 += v
+            s2 += v * v
+    return s1, s2
+
+
+@njit(cache=True)
+def _clip_outliers(f, lo, hi, mean):
+    ny, nx = f.shape
+    for y in range(ny):
+        for x in range(nx):
+            v = f[y, x]
+            if v > hi or v < lo:
+                f[y, x] = mean
 
 
 # --------------------------------------------------------------------------
@@ -224,13 +292,62 @@ def bfactor_filter(ny: int, nx: int, unitless_bfactor: float, mask_cross: bool =
     return filt
 
 
-def phase_shift_half(f: np.ndarray, ny: int, nx: int, sx: float, sy: float) -> np.ndarray:
-    """Multiply a non-centred half-layout FT by the phases that move the image by (+sx, +sy) px."""
+def _phase_vectors(ny: int, nx: int, sx: float, sy: float) -> tuple[np.ndarray, np.ndarray]:
     fy = np.fft.fftfreq(ny)
     fx = np.fft.rfftfreq(nx)
     py = np.exp(-2j * np.pi * fy * sy).astype(np.complex64)
     px = np.exp(-2j * np.pi * fx * sx).astype(np.complex64)
-    return f * py[:, None] * px[None, :]
+    return py, px
+
+
+@njit(cache=True)
+def _phase_shift_inplace(f, py, px):
+    ny, w = f.shape
+    for y in range(ny):
+        a = py[y]
+        for x in range(w):
+            f[y, x] = f[y, x] * a * px[x]
+
+
+def phase_shift_half(f: np.ndarray, ny: int, nx: int, sx: float, sy: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Multiply a non-centred half-layout FT by the phases that move the image by (+sx, +sy) px.
+
+    ``out`` (complex64, may be ``f`` itself) receives the result; a new array otherwise.
+
+    >>> f = _fft.rfftn(np.eye(4, dtype=np.float32))
+    >>> bool(np.allclose(_fft.irfftn(phase_shift_half(f, 4, 4, 1.0, 0.0), 4), np.roll(np.eye(4), 1, axis=1), atol=1e-6))
+    True
+    """
+    py, px = _phase_vectors(ny, nx, sx, sy)
+    if out is None:
+        out = np.array(f, dtype=np.complex64, copy=True)
+    elif out is not f:
+        out[...] = f
+    _phase_shift_inplace(out, py, px)
+    return out
+
+
+def good_fft_size(n: float, up: bool = True) -> int:
+    """The even size nearest ``n`` (at least / at most, ``up``) whose only prime factors are 2, 3, 5 and 7.
+
+    FFTW is several times slower on sizes with a large prime factor (1366 = 2 x 683).
+
+    >>> good_fft_size(1365.3), good_fft_size(1365.3, up=False), good_fft_size(410)
+    (1372, 1350, 420)
+    """
+    m = max(2, int(math.ceil(n)) if up else int(math.floor(n)))
+    step = 1 if up else -1
+    while True:
+        if m % 2 == 0:
+            k = m
+            for p in (2, 3, 5, 7):
+                while k % p == 0:
+                    k //= p
+            if k == 1:
+                return m
+        m += step
+        if m < 2:
+            return 2
 
 
 # --------------------------------------------------------------------------
@@ -340,6 +457,31 @@ def savitzky_golay(y: np.ndarray, window: int, order: int = 1) -> np.ndarray:
     return out
 
 
+_WHITTAKER_HAT: dict[tuple[int, float, float], tuple[np.ndarray, float]] = {}
+
+
+def _whittaker_hat(n: int, early_frames: float, lmb: float) -> tuple[np.ndarray, float]:
+    """The smoother matrix ``(I + lmb D'D)^-1`` and its trace, cached (the same few for every stack)."""
+    key = (n, early_frames, lmb)
+    hit = _WHITTAKER_HAT.get(key)
+    if hit is not None:
+        return hit
+    d = np.diff(np.eye(n), 2, axis=0)
+    if early_frames:
+        # beam-induced motion is fastest at first: let the first frames bend more
+        j = np.arange(1, n - 1, dtype=np.float64)
+        w = np.minimum(1.0, (j / float(early_frames)) ** 2)
+        d = d * w[:, None]
+    p = d.T @ d
+    eye = np.eye(n)
+    h = np.linalg.solve(eye + lmb * p, eye)
+    h.setflags(write=False)
+    if len(_WHITTAKER_HAT) > 2000:
+        _WHITTAKER_HAT.clear()
+    _WHITTAKER_HAT[key] = (h, float(np.trace(h)))
+    return _WHITTAKER_HAT[key]
+
+
 def whittaker_smooth(y: np.ndarray, lam: float | None = None, early_frames: float = 0.0) -> tuple[np.ndarray, float]:
     """Penalised least squares with a second-difference penalty (Whittaker-Henderson smoother).
 
@@ -364,18 +506,9 @@ def whittaker_smooth(y: np.ndarray, lam: float | None = None, early_frames: floa
     n = y2.shape[0]
     if n < 4:
         return y.copy(), 0.0
-    d = np.diff(np.eye(n), 2, axis=0)
-    if early_frames:
-        # beam-induced motion is fastest at first: let the first frames bend more
-        j = np.arange(1, n - 1, dtype=np.float64)
-        w = np.minimum(1.0, (j / float(early_frames)) ** 2)
-        d = d * w[:, None]
-    p = d.T @ d
-    eye = np.eye(n)
-
     def solve(lmb):
-        h = np.linalg.solve(eye + lmb * p, eye)
-        return h @ y2, float(np.trace(h))
+        h, tr = _whittaker_hat(n, float(early_frames), float(lmb))
+        return h @ y2, tr
 
     if lam is None:
         best = None
@@ -519,9 +652,10 @@ def align_stack(stack: np.ndarray, ny: int, nx: int, shifts: np.ndarray, *, max_
     total = stack.sum(axis=0)
     for it in range(1, max_iterations + 1):
         cur = np.zeros((n, 2))
+        buf = np.empty_like(total)
         for i in range(n):
-            ref = (total - stack[i]) * filt
-            cc = _fft.irfftn(ref * np.conj(stack[i]), nx)
+            _xcorr_spectrum(total, stack[i], filt, buf)
+            cc = _fft.irfftn(buf, nx)
             cur[i] = peak_parabola(cc, min_radius, max_radius)
         acc = shifts + cur
         if min_radius > 0:
@@ -538,7 +672,7 @@ def align_stack(stack: np.ndarray, ny: int, nx: int, shifts: np.ndarray, *, max_
         biggest = float(np.sqrt((cur ** 2).sum(axis=1)).max())
         for i in range(n):
             if cur[i, 0] != 0.0 or cur[i, 1] != 0.0:
-                stack[i] = phase_shift_half(stack[i], ny, nx, cur[i, 0], cur[i, 1])
+                phase_shift_half(stack[i], ny, nx, cur[i, 0], cur[i, 1], out=stack[i])
         shifts += cur
         if biggest <= threshold:
             break
@@ -548,6 +682,16 @@ def align_stack(stack: np.ndarray, ny: int, nx: int, shifts: np.ndarray, *, max_
 
 def _even(v: float) -> int:
     return max(2, int(round(v / 2.0)) * 2)
+
+
+@njit(cache=True)
+def _xcorr_spectrum(total, f, filt, out):
+    """out = (total - f) * filt * conj(f): the spectrum of frame ``f``'s correlation with the others."""
+    ny, w = f.shape
+    for y in range(ny):
+        for x in range(w):
+            a = f[y, x]
+            out[y, x] = (total[y, x] - a) * filt[y, x] * np.conj(a)
 
 
 class MovieAligner:
@@ -568,8 +712,10 @@ class MovieAligner:
     -----
     Memory: ``n_frames`` transforms at the coarse and the refine pixel size
     (for a 4k x 4k x 40 movie at 1 Å/px about 1.2 GB at 1.5 Å refine pixels, plus as much again
-    for the patch stacks of local motion), never
-    a float copy of the movie at full resolution.
+    for the patch stacks of local motion); with ``keep_full`` also the full-resolution transforms
+    (complex64, as much as unblur's float frame stack), so that the sums need no second read.
+    The binned sizes are FFT-friendly (:func:`good_fft_size`: factors 2, 3, 5, 7), so their
+    pixel is a little finer than ``coarse_pixel`` / ``refine_pixel``.
 
     >>> al = MovieAligner((64, 64), 3, 5.0, 1.0, AlignmentSettings())
     >>> for k in range(3): al.add(k, np.random.default_rng(k).random((64, 64)).astype(np.float32))
@@ -578,7 +724,7 @@ class MovieAligner:
     """
 
     def __init__(self, shape: tuple[int, int], n_frames: int, pixel_size: float, exposure_per_frame: float,
-                 settings: AlignmentSettings):
+                 settings: AlignmentSettings, keep_full: bool = False):
         self.ny, self.nx = int(shape[0]), int(shape[1])
         self.n = int(n_frames)
         self.pixel_size = float(pixel_size)
@@ -586,16 +732,21 @@ class MovieAligner:
         self.s = settings
         self.prebin = max(1, int(round(settings.coarse_pixel / pixel_size)))
         if self.prebin > 1:
-            self.cy, self.cx = _even(self.ny / self.prebin), _even(self.nx / self.prebin)
+            # FFT-friendly sizes (2, 3, 5, 7 only): the pixel is a little finer than the target
+            self.cy = min(self.ny, good_fft_size(self.ny / self.prebin))
+            self.cx = min(self.nx, good_fft_size(self.nx / self.prebin))
         else:
             self.cy, self.cx = self.ny, self.nx
         rf = max(1.0, settings.refine_pixel / pixel_size)
         if rf > 1.0:
-            self.ry, self.rx = min(self.ny, _even(self.ny / rf)), min(self.nx, _even(self.nx / rf))
+            self.ry, self.rx = min(self.ny, good_fft_size(self.ny / rf)), min(self.nx, good_fft_size(self.nx / rf))
         else:
             self.ry, self.rx = self.ny, self.nx
         self.coarse = np.zeros((self.n, self.cy, self.cx // 2 + 1), np.complex64) if self.prebin > 1 else None
         self.refine = np.zeros((self.n, self.ry, self.rx // 2 + 1), np.complex64)
+        # keep_full: the full-resolution transforms too (n x ny x (nx/2+1) complex64, as much memory as
+        # unblur's frame stack), so that the sums need no second read, preparation and forward FFT
+        self.full = np.zeros((self.n, self.ny, self.nx // 2 + 1), np.complex64) if keep_full else None
         self.shifts = np.zeros((self.n, 2))  # full-resolution pixels
         self.iterations: list[int] = []
         self.model: DeformationModel | None = None
@@ -615,6 +766,8 @@ class MovieAligner:
 
     def add_ft(self, index: int, f: np.ndarray) -> None:
         """Add the half-layout transform of prepared frame ``index``."""
+        if self.full is not None:
+            self.full[index] = f
         if self.coarse is not None:
             self.coarse[index] = fourier_crop_half(f, self.ny, self.nx, self.cy, self.cx)
         if (self.ry, self.rx) != (self.ny, self.nx):
@@ -664,7 +817,7 @@ class MovieAligner:
             rs[:, 0] = cs[:, 0] * self.rx / self.cx
             rs[:, 1] = cs[:, 1] * self.ry / self.cy
             for i in range(self.n):
-                self.refine[i] = phase_shift_half(self.refine[i], self.ry, self.rx, rs[i, 0], rs[i, 1])
+                phase_shift_half(self.refine[i], self.ry, self.rx, rs[i, 0], rs[i, 1], out=self.refine[i])
             px = min(self.refine_pixel_size)
             self._stage(self.refine, self.ry, self.rx, px, rs, first=False)
         else:
@@ -694,6 +847,7 @@ class MovieAligner:
     def release(self) -> None:
         """Free the frame stacks."""
         self.coarse = None
+        self.full = None
         self.refine = np.zeros((0, 1, 1), np.complex64)
 
 
@@ -712,7 +866,7 @@ def patch_layout(ny: int, nx: int, grid: tuple[int, int], overlap: float = 1.0) 
     ([0, 0, 50], [25.0, 25.0])
     """
     gx, gy = int(grid[0]), int(grid[1])
-    size = max(32, _even(overlap * min(nx / gx, ny / gy)))
+    size = max(32, good_fft_size(overlap * min(nx / gx, ny / gy), up=False))
     size = min(size, (min(nx, ny) // 2) * 2)
     boxes, centres = [], []
     for j in range(gy):
@@ -738,22 +892,42 @@ def align_patches(stack: np.ndarray, ny: int, nx: int, boxes: np.ndarray, settin
     npatch = len(boxes)
     size = int(boxes[0, 2])
     # the 1500 A^2 B-factor leaves nothing beyond ~1/4 A: keep the patches at settings.patch_pixel
-    psz = min(size, _even(size * pixel_size / max(settings.patch_pixel, pixel_size)))
-    ppx = pixel_size * size / psz
+    psz = min(size, good_fft_size(size * pixel_size / max(settings.patch_pixel, pixel_size)))
     pst = np.empty((npatch, n, psz, psz // 2 + 1), np.complex64)
-    edge = max(2, size // 8)
-    ramp = np.ones(size, np.float32)
+    if psz != size:
+        # cut the patches from the frame binned (Fourier-cropped) to the patch pixel: one small inverse
+        # FFT per frame and no cropping per patch
+        by, bx = min(ny, _even(ny * psz / size)), min(nx, _even(nx * psz / size))
+        if by < psz or bx < psz:
+            by, bx = ny, nx
+    else:
+        by, bx = ny, nx
+    tsz = psz if (by, bx) != (ny, nx) else size
+    ppx = pixel_size * size / psz
+    scale_x, scale_y = (nx / bx, ny / by) if tsz == psz else (size / psz, size / psz)
+    edge = max(2, tsz // 8)
+    ramp = np.ones(tsz, np.float32)
     ramp[:edge] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(edge) + 0.5) / edge)
     ramp[-edge:] = ramp[:edge][::-1]
     taper = np.outer(ramp, ramp)  # soft edges: the patch border does not move with the specimen
+    origins = []
+    for (x0, y0, _sz) in boxes:
+        if tsz == size:
+            origins.append((int(x0), int(y0)))
+        else:
+            origins.append((int(min(max(round(x0 * bx / nx), 0), bx - tsz)),
+                            int(min(max(round(y0 * by / ny), 0), by - tsz))))
     for i in range(n):
-        img = _fft.irfftn(stack[i], nx)
-        for p, (x0, y0, sz) in enumerate(boxes):
-            tile = img[y0:y0 + sz, x0:x0 + sz]
+        if tsz == size:
+            img = _fft.irfftn(stack[i], nx)
+        else:
+            img = _fft.irfftn(fourier_crop_half(stack[i], ny, nx, by, bx), bx)
+        for p, (x0, y0) in enumerate(origins):
+            tile = img[y0:y0 + tsz, x0:x0 + tsz]
             tile = (tile - tile.mean()) * taper
             f = _fft.rfftn(np.ascontiguousarray(tile, dtype=np.float32))
             f[0, 0] = 0.0
-            pst[p, i] = fourier_crop_half(f, size, size, psz, psz) if psz != size else f
+            pst[p, i] = fourier_crop_half(f, tsz, tsz, psz, psz) if psz != tsz else f
     out = np.zeros((npatch, n, 2))
     window = settings.window(exposure_per_frame)
     for p in range(npatch):
@@ -764,7 +938,8 @@ def align_patches(stack: np.ndarray, ny: int, nx: int, boxes: np.ndarray, settin
                     threshold=0.05 * pixel_size / ppx, window=window, order=settings.smoothing_order,
                     mask_cross=settings.mask_cross, vertical_half_width=settings.vertical_half_width,
                     horizontal_half_width=settings.horizontal_half_width, smoothing=settings.patch_smoothing)
-        out[p] = sh * (size / psz)
+        out[p, :, 0] = sh[:, 0] * scale_x
+        out[p, :, 1] = sh[:, 1] * scale_y
     return out
 
 
@@ -902,6 +1077,93 @@ def _warp_add(img, out, cx, cy, nx_full, ny_full, scale_x, scale_y):
             out[y, x] += acc
 
 
+@njit(cache=True)
+def _warp_add_pair(img_a, img_b, out_a, out_b, cx, cy, nx_full, ny_full, scale_x, scale_y):
+    # as _warp_add for two images with the same shift field: the Keys (a = -0.5, Catmull-Rom) weights
+    # in closed form, computed once per pixel for both images; no clamping away from the edges
+    ny, nx = img_a.shape
+    for y in range(ny):
+        v = 2.0 * (y * scale_y) / ny_full - 1.0
+        for x in range(nx):
+            u = 2.0 * (x * scale_x) / nx_full - 1.0
+            sx = (cx[0] + cx[1] * u + cx[2] * v + cx[3] * u * u + cx[4] * u * v + cx[5] * v * v) / scale_x
+            sy = (cy[0] + cy[1] * u + cy[2] * v + cy[3] * u * u + cy[4] * u * v + cy[5] * v * v) / scale_y
+            xs = x - sx
+            ys = y - sy
+            ix = int(math.floor(xs))
+            iy = int(math.floor(ys))
+            t = xs - ix
+            t2 = t * t
+            t3 = t2 * t
+            wx0 = 0.5 * (-t3 + 2.0 * t2 - t)
+            wx1 = 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0)
+            wx2 = 0.5 * (-3.0 * t3 + 4.0 * t2 + t)
+            wx3 = 0.5 * (t3 - t2)
+            t = ys - iy
+            t2 = t * t
+            t3 = t2 * t
+            wy0 = 0.5 * (-t3 + 2.0 * t2 - t)
+            wy1 = 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0)
+            wy2 = 0.5 * (-3.0 * t3 + 4.0 * t2 + t)
+            wy3 = 0.5 * (t3 - t2)
+            if ix >= 1 and ix + 2 < nx:
+                x0, x1, x2, x3 = ix - 1, ix, ix + 1, ix + 2
+            else:
+                x0 = min(max(ix - 1, 0), nx - 1)
+                x1 = min(max(ix, 0), nx - 1)
+                x2 = min(max(ix + 1, 0), nx - 1)
+                x3 = min(max(ix + 2, 0), nx - 1)
+            acc_a = 0.0
+            acc_b = 0.0
+            for j in range(4):
+                yy = min(max(iy + j - 1, 0), ny - 1)
+                wy = wy0 if j == 0 else (wy1 if j == 1 else (wy2 if j == 2 else wy3))
+                acc_a += wy * (wx0 * img_a[yy, x0] + wx1 * img_a[yy, x1] + wx2 * img_a[yy, x2] + wx3 * img_a[yy, x3])
+                acc_b += wy * (wx0 * img_b[yy, x0] + wx1 * img_b[yy, x1] + wx2 * img_b[yy, x2] + wx3 * img_b[yy, x3])
+            out_a[y, x] += acc_a
+            out_b[y, x] += acc_b
+
+
+def warp_add_pair(img_a: np.ndarray, img_b: np.ndarray, out_a: np.ndarray, out_b: np.ndarray,
+                  frame_coeffs: np.ndarray, full_shape: tuple[int, int]) -> None:
+    """:func:`warp_add` of two images with one shift field (the unweighted and the weighted frame).
+
+    >>> a = np.ones((8, 8), np.float32); oa = np.zeros_like(a); ob = np.zeros_like(a)
+    >>> warp_add_pair(a, 2 * a, oa, ob, np.zeros((2, 6)), (8, 8)); float(ob.mean())
+    2.0
+    """
+    ny, nx = img_a.shape
+    _warp_add_pair(np.ascontiguousarray(img_a, dtype=np.float32), np.ascontiguousarray(img_b, dtype=np.float32),
+                   out_a, out_b, np.ascontiguousarray(frame_coeffs[0], np.float64),
+                   np.ascontiguousarray(frame_coeffs[1], np.float64), float(full_shape[1]), float(full_shape[0]),
+                   float(full_shape[1] / nx), float(full_shape[0] / ny))
+
+
+@njit(cache=True)
+def _accumulate(f, py, px, unw):
+    ny, w = f.shape
+    for y in range(ny):
+        a = py[y]
+        for x in range(w):
+            unw[y, x] += f[y, x] * a * px[x]
+
+
+@njit(cache=True)
+def _accumulate_weighted(f, py, px, minus_half_over_ne, exposure, unw, wtd, sum_sq):
+    # shift, dose weight exp(-N / (2 N_e(k))) (1 at k = 0) and both sums in one pass
+    ny, w = f.shape
+    for y in range(ny):
+        a = py[y]
+        for x in range(w):
+            g = f[y, x] * a * px[x]
+            q = np.float32(math.exp(minus_half_over_ne[y, x] * exposure))
+            if y == 0 and x == 0:
+                q = np.float32(1.0)
+            unw[y, x] += g
+            wtd[y, x] += g * q
+            sum_sq[y, x] += np.float64(q) * np.float64(q)
+
+
 def warp_add(img: np.ndarray, out: np.ndarray, frame_coeffs: np.ndarray, full_shape: tuple[int, int]) -> None:
     """``out(x) += img(x - r(x))`` with the residual shift field of one frame (bicubic, Keys).
 
@@ -968,17 +1230,24 @@ class MovieSummer:
         """As :meth:`add`, given the frame's half-layout transform."""
         if (self.my, self.mx) != (self.ny, self.nx):
             f = fourier_crop_half(f, self.ny, self.nx, self.my, self.mx)
+        if self.model is None:
+            # shift, weight and add in one pass over the transform (no temporaries)
+            py, px = _phase_vectors(self.my, self.mx, sx * self.mx / self.nx, sy * self.my / self.ny)
+            f = np.ascontiguousarray(f, dtype=np.complex64)
+            if self.w is None:
+                _accumulate(f, py, px, self.unw)
+            else:
+                _accumulate_weighted(f, py, px, self.w._minus_half_over_ne, np.float32(self.w.exposure(index)),
+                                     self.unw, self.wtd, self.w.sum_sq)
+            return
         f = phase_shift_half(f, self.my, self.mx, sx * self.mx / self.nx, sy * self.my / self.ny)
         q = self.w.weights(index) if self.w is not None else None
-        if self.model is None:
-            self.unw += f
-            if q is not None:
-                self.wtd += f * q
-            return
         c = self.model.frame_coefficients(index)
-        warp_add(_fft.irfftn(f, self.mx), self.unw, c, (self.ny, self.nx))
         if q is not None:
-            warp_add(_fft.irfftn(f * q, self.mx), self.wtd, c, (self.ny, self.nx))
+            warp_add_pair(_fft.irfftn(f, self.mx), _fft.irfftn(f * q, self.mx), self.unw, self.wtd, c,
+                          (self.ny, self.nx))
+        else:
+            warp_add(_fft.irfftn(f, self.mx), self.unw, c, (self.ny, self.nx))
 
     def finish(self) -> tuple[np.ndarray | None, np.ndarray]:
         """(dose-weighted sum or None, unweighted sum), float32 real images."""
