@@ -426,7 +426,9 @@ def _start(project: Project, args: argparse.Namespace, job_type: str, size: int)
 
 
 #: Options that belong to one invocation, not to a job's settings (a resume may change them).
-_PER_RUN_OPTIONS = frozenset({"project", "resume", "keep_scratch", "debug", "command"})
+#: Fault injection (``mpi-check --kill-rank ...``) is one run's, too: a resumed job must not kill itself again.
+_PER_RUN_OPTIONS = frozenset({"project", "resume", "keep_scratch", "debug", "command",
+                              "fail_rank", "fail_task", "kill_rank", "kill_iteration", "hang_rank"})
 
 
 def _resumed_arguments(old: Any, args: argparse.Namespace) -> dict[str, Any]:
