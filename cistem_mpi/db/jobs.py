@@ -207,6 +207,15 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def newest_finished_result(conn: sqlite3.Connection, job_type: str) -> dict[str, Any] | None:
+    """The result (decoded JSON) of the newest finished job of ``job_type``, or None."""
+    row = conn.execute("SELECT result FROM jobs WHERE type = ? AND status = 'finished' ORDER BY id DESC LIMIT 1",
+                       (job_type,)).fetchone()
+    if row is None:
+        return None
+    return json.loads(row[0]) if row[0] else {}
+
+
 def running_jobs(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Every job recorded as running (some may have died)."""
     return list(conn.execute("SELECT * FROM jobs WHERE status = 'running'"))

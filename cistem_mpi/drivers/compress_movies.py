@@ -56,15 +56,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _switch(args: argparse.Namespace) -> None:
-    import json
-
+    from cistem_mpi.db import jobs as jobs_db
     from cistem_mpi.db import movies as movies_db
     from cistem_mpi.db.project import Project
 
     with Project.open(args.project) as project:
-        row = project.conn.execute("SELECT result FROM jobs WHERE type = ? AND status = 'finished' "
-                                   "ORDER BY id DESC LIMIT 1", (JOB_TYPE,)).fetchone()
-        done = json.loads(row[0]).get("compressed", []) if row and row[0] else []
+        done = (jobs_db.newest_finished_result(project.conn, JOB_TYPE) or {}).get("compressed", [])
         mapping = {int(d["movie_id"]): project.store_path(d["output"]) for d in done if Path(d["output"]).is_file()}
         movies_db.switch_movie_paths(project.conn, mapping)
         if args.delete_source:

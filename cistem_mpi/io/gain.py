@@ -82,7 +82,8 @@ def orient_gain(gain: np.ndarray, rotate: int = 0, flip_x: bool = False, flip_y:
     return np.ascontiguousarray(out)
 
 
-def _read_raw(p: Path) -> np.ndarray:
+def read_raw(p: Path) -> np.ndarray:
+    """A gain-like image (MRC, TIFF, DM4) as stored, in our orientation (used for gain and defect maps)."""
     ext = p.suffix.lower()
     if ext == ".gz":
         ext = Path(p.stem).suffix.lower()
@@ -161,7 +162,7 @@ def read_gain(
     p = Path(path)
     if not p.exists():
         raise InputError(p, "gain reference not found")
-    g = _read_raw(p).astype(np.float32, copy=False)
+    g = read_raw(p).astype(np.float32, copy=False)
     finite = np.isfinite(g)
     if not finite.all():
         bad = int(g.size - np.count_nonzero(finite))

@@ -159,12 +159,12 @@ def read_defects(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     if p.suffix.lower() in (".mrc", ".tif", ".tiff"):
         import warnings
 
-        from cistem_mpi.io.gain import _read_raw  # same readers and orientation as gain references
+        from cistem_mpi.io.gain import read_raw  # same readers and orientation as gain references
 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                img = _read_raw(p)
+                img = read_raw(p)
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001

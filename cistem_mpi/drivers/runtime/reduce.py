@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cistem_mpi.drivers.runtime.world import World, _mpi_sum, _real_view
+from cistem_mpi.drivers.runtime.world import World, mpi_sum, real_view
 
 
 def reduce_sum(world: World, arr: np.ndarray) -> np.ndarray | None:
@@ -37,10 +37,10 @@ def reduce_sum(world: World, arr: np.ndarray) -> np.ndarray | None:
     a = np.ascontiguousarray(arr)
     if world.size == 1:
         return a.copy()
-    send = _real_view(a).reshape(-1)
+    send = real_view(a).reshape(-1)
     if world.is_controller:
         out = np.empty_like(a)
-        world.wait(world.comm.Ireduce(send, _real_view(out).reshape(-1), op=_mpi_sum(), root=0))
+        world.wait(world.comm.Ireduce(send, real_view(out).reshape(-1), op=mpi_sum(), root=0))
         return out
-    world.wait(world.comm.Ireduce(send, None, op=_mpi_sum(), root=0))
+    world.wait(world.comm.Ireduce(send, None, op=mpi_sum(), root=0))
     return None

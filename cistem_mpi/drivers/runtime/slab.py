@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cistem_mpi.drivers.runtime.world import World, _real_view
+from cistem_mpi.drivers.runtime.world import World, real_view
 from cistem_mpi.kernels.backprojection import slab_bounds  # one split for insertion and reduction
 
 
@@ -67,8 +67,8 @@ def reduce_scatter_z(world: World, acc: np.ndarray) -> Slab:
     per_plane = int(np.prod(shape[1:], dtype=np.int64)) * (2 if np.iscomplexobj(acc) else 1)
     counts = [(b - a) * per_plane for a, b in bounds]
     out = np.empty((z1 - z0,) + shape[1:], dtype=acc.dtype)
-    send = _real_view(acc).reshape(-1)
-    recv = _real_view(out).reshape(-1)
+    send = real_view(acc).reshape(-1)
+    recv = real_view(out).reshape(-1)
     from mpi4py import MPI
 
     world.wait(world.comm.Ireduce_scatter(send, recv, counts, op=MPI.SUM))
@@ -92,10 +92,10 @@ def gather_z(world: World, slab: np.ndarray, full_shape: tuple[int, ...]) -> np.
     per_plane = int(np.prod(full_shape[1:], dtype=np.int64)) * (2 if np.iscomplexobj(slab) else 1)
     counts = [(b - a) * per_plane for a, b in bounds]
     displs = [a * per_plane for a, _ in bounds]
-    send = _real_view(slab).reshape(-1)
+    send = real_view(slab).reshape(-1)
     if world.is_controller:
         full = np.empty(full_shape, dtype=slab.dtype)
-        recv = _real_view(full).reshape(-1)
+        recv = real_view(full).reshape(-1)
         world.wait(world.comm.Igatherv(send, [recv, counts, displs, _mpi_type(recv)], root=0))
         return full
     world.wait(world.comm.Igatherv(send, None, root=0))

@@ -371,9 +371,9 @@ class World:
         a = np.ascontiguousarray(arr)
         if self.size == 1:
             return a.copy()
-        send = _real_view(a)
+        send = real_view(a)
         out = np.empty_like(a)
-        self.wait(self.comm.Iallreduce(send, _real_view(out), op=_mpi_sum()))
+        self.wait(self.comm.Iallreduce(send, real_view(out), op=mpi_sum()))
         return out
 
     # ------------------------------------------------------------------ ending
@@ -535,14 +535,15 @@ def _format_tb(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-def _real_view(a: np.ndarray) -> np.ndarray:
+def real_view(a: np.ndarray) -> np.ndarray:
     """A complex array as its float parts (MPI SUM is element-wise, so identical)."""
     if np.iscomplexobj(a):
         return a.view(a.real.dtype)
     return a
 
 
-def _mpi_sum() -> Any:
+def mpi_sum() -> Any:
+    """MPI.SUM (mpi4py imported only when a reduction runs)."""
     from mpi4py import MPI
 
     return MPI.SUM
