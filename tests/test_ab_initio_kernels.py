@@ -211,3 +211,85 @@ def test_coarse_to_fine_search_finds_the_full_search_orientation():
         fast = ai.search_grid(x, ctf, proj, band, 3.0, coarse=coarse)
         assert full[0] == j and fast[0] == j
         assert abs(fast[1]) < 0.05 and abs(fast[2]) < 0.05 and fast[3] > 0.999
+
+
+def test_random_pick_takes_an_orientation_within_the_top_of_the_score_range():
+    """cisTEM's ab initio pick: a random orientation among those within 15 % of the score range of the best,
+    against scoring every orientation one at a time (plain loop)."""
+    n, ps = 32, 3.0
+    vol = _blobs(n, _chiral_points() * 1.5, width=2.0)
+    band = al.make_band(n, ps, 12.0)
+    grid = al.orientation_grid(25.0)
+    proj = ai.grid_projections(prepare_volume_ft(vol), grid, band)
+    ctf = np.ones((band.m, band.m // 2 + 1), np.float32)
+    rng = np.random.default_rng(3)
+    x = proj[7] + (rng.normal(size=proj[7].shape) + 1j * rng.normal(size=proj[7].shape)).astype(np.complex64) * 0.3 \
+        * np.abs(proj[7]).mean()
+    scores = np.array([al.shift_search(x, proj[i:i + 1] * ctf, band, 3.0)[0][0] for i in range(len(grid))])
+    allowed = set(np.nonzero(scores >= scores.max() - 0.15 * (scores.max() - scores.min()))[0].tolist())
+    assert 1 < len(allowed) < len(grid) // 2
+    picked = [ai.search_grid(x, ctf, proj, band, 3.0, pick=u)[0] for u in np.linspace(0.0, 0.999, 40)]
+    assert set(picked) == allowed  # every allowed orientation can be taken, no other
+    assert ai.search_grid(x, ctf, proj, band, 3.0, pick=0.0)[0] == int(np.argmax(scores))
+    assert ai.search_grid(x, ctf, proj, band, 3.0, pick=0.0)[:3] == ai.search_grid(x, ctf, proj, band, 3.0)[:3]
+    # a narrower range keeps fewer
+    few = {ai.search_grid(x, ctf, proj, band, 3.0, pick=u, pick_range=0.02)[0] for u in np.linspace(0, 0.999, 40)}
+    assert few < allowed or len(few) == 1
+
+
+def test_wiener_nominator_damps_the_noisy_shells_of_the_full_map_only(tmp_path):
+    """``ReconstructionSettings.wiener_nominator`` (cisTEM's CTF^2 + nominator/SSNR, per voxel): 1 is the plain
+    filter; a large nominator leaves the half maps and the well-measured shells and damps the noisy ones."""
+    from cistem_mpi.drivers.reconstruct import ReconstructionSettings, reconstruct_particles
+    from cistem_mpi.drivers.runtime import get_world
+    from cistem_mpi.drivers.simulate import simulate_particles
+    from cistem_mpi.kernels.radial import shell_index
+
+    sim = simulate_particles(tmp_path, n_particles=120, box=24, pixel_size=5.0, snr=0.2, seed=2)
+    world = get_world()
+    rec = {w: reconstruct_particles(world, str(sim.stack), sim.particles,
+                                    ReconstructionSettings(bfactor=0.0, wiener_nominator=w)) for w in (1.0, 50.0)}
+    plain = reconstruct_particles(world, str(sim.stack), sim.particles, ReconstructionSettings(bfactor=0.0))
+    assert np.array_equal(rec[1.0].volume, plain.volume)
+    assert np.array_equal(rec[50.0].half1, plain.half1) and np.array_equal(rec[50.0].fsc, plain.fsc)
+    shells = shell_index((24, 24, 24))
+
+    def power(v):
+        f = np.abs(np.fft.rfftn(v)) ** 2
+        inside = shells >= 0
+        return np.bincount(shells[inside], f[inside], minlength=13)[:12]
+
+    ratio = np.sqrt(power(rec[50.0].volume) / power(rec[1.0].volume))
+    f = np.clip(plain.fsc_unmasked[:12], 1e-3, 0.999)
+    # per voxel D / (W + nominator <W> (1 - FSC) / (2 FSC)): the full map is damped, the more the lower the
+    # shell's FSC (where the FSC is meaningful: above 0.5; beyond, the real-space mask mixes shells)
+    used = np.nonzero(f > 0.5)[0][1:]
+    assert len(used) >= 4
+    assert (ratio[used] < 0.5).all()
+    order = used[np.argsort(-f[used])]
+    assert (np.diff(ratio[order]) < 0).all(), np.c_[f[order], ratio[order]]
+
+
+def test_random_pick_by_direction_counts_each_direction_once_with_its_best_in_plane_angle():
+    """As cisTEM's list of best parameters: per projection direction the best in-plane angle, then the pick."""
+    n, ps = 32, 3.0
+    vol = _blobs(n, _chiral_points() * 1.5, width=2.0)
+    band = al.make_band(n, ps, 12.0)
+    grid = al.orientation_grid(25.0)
+    dirs = ai.grid_directions(grid)
+    assert dirs.max() + 1 == len({(round(a, 6), round(b, 6)) for a, b in grid[:, :2]})
+    proj = ai.grid_projections(prepare_volume_ft(vol), grid, band)
+    ctf = np.ones((band.m, band.m // 2 + 1), np.float32)
+    rng = np.random.default_rng(4)
+    x = proj[30] + (rng.normal(size=proj[30].shape) + 1j * rng.normal(size=proj[30].shape)).astype(np.complex64) \
+        * 0.3 * np.abs(proj[30]).mean()
+    scores = np.array([al.shift_search(x, proj[i:i + 1] * ctf, band, 3.0)[0][0] for i in range(len(grid))])
+    best_of = {}
+    for i, d in enumerate(dirs):  # plain loop: the best orientation of each direction
+        if d not in best_of or scores[i] > scores[best_of[d]]:
+            best_of[d] = i
+    tops = np.array([scores[i] for i in best_of.values()])
+    cut = tops.max() - 0.15 * (tops.max() - tops.min())
+    allowed = {i for i in best_of.values() if scores[i] >= cut}
+    picked = {ai.search_grid(x, ctf, proj, band, 3.0, pick=u, directions=dirs)[0] for u in np.linspace(0, 0.999, 60)}
+    assert picked == allowed and len(allowed) >= 1

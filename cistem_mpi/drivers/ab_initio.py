@@ -80,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wiener-first", type=float, default=500.0, help="Wiener nominator of the first round")
     p.add_argument("--wiener-start", type=float, default=200.0, help="Wiener nominator ramp start (first start)")
     p.add_argument("--wiener-end", type=float, default=10.0, help="Wiener nominator ramp end / later starts")
+    p.add_argument("--pick-range", type=float, default=0.0,
+                   help="each searched particle takes a random direction among those scoring within this "
+                        "fraction of the score range below the best, except in the last round (cisTEM: 0.15; "
+                        "default 0 = always the best, which measured better here)")
     p.add_argument("--symmetry", help="point group (default: the refinement package's)")
     p.add_argument("--always-apply-symmetry", action="store_true",
                    help="impose the symmetry from the first round (no axis search)")
@@ -112,6 +116,8 @@ def _settings(ctx: JobContext) -> dict[str, Any]:
                                              f"({a['start_resolution']} Å)")
     if not 0 < a.get("score_fraction", 0.2) <= 1:
         raise InputError("--score-fraction", "must be in (0, 1]")
+    if not 0 <= (a.get("pick_range") or 0.0) < 1:
+        raise InputError("--pick-range", "must be in [0, 1)")
     for name in ("start_percent", "end_percent"):
         v = a.get(name)
         if v is not None and not 0 < v <= 100:
@@ -160,6 +166,7 @@ def _settings(ctx: JobContext) -> dict[str, Any]:
     halves = ref["half_sets"][0]
     return {
         "ref_run": int(ref["run"]), "package_id": int(pkg["id"]), "stack": ref["stack_path"],
+        "invert": bool(ref.get("protein_is_white", False)),
         "optics": ref["optics"], "box": box, "pixel_size": ps, "n": n, "k": k, "symmetry": symmetry,
         "mask_radius": float(mask_radius), "p0": float(p0), "p1": float(p1),
         "auto_mask": not a.get("no_auto_mask"),
@@ -205,6 +212,7 @@ def search_round(world: World, plan: dict[str, Any] | None, references: list[np.
     grid = plan["grid"]
     vfts = [prepare_volume_ft(r.astype(np.float32), 2.0) for r in references]
     projections = [ai.grid_projections(v, grid, band) for v in vfts]
+    directions = ai.grid_directions(grid)
     # first pass: a grid at twice the step at half the resolution; then the fine grid near its best orientations
     coarse = [ai.coarse_grid(v, grid, plan["step"], band, plan["pixel_size"], plan["high_resolution"],
                              plan["low_resolution"]) for v in vfts]
@@ -217,16 +225,20 @@ def search_round(world: World, plan: dict[str, Any] | None, references: list[np.
         from cistem_mpi.kernels.fft import ft2
 
         if "stack" not in state:
-            state["stack"] = open_stack(plan["stack"], pixel_size=plan["pixel_size"])
+            state["stack"] = open_stack(plan["stack"], pixel_size=plan["pixel_size"], invert=plan.get("invert", False))
         out = []
-        for row in plan["rows"][start:stop]:
+        picks = plan.get("pick")
+        for i in range(start, stop):
+            row = plan["rows"][i]
+            pick = None if picks is None else float(picks[i])
             img = al.prepare_particle(state["stack"][int(row["position"]) - 1], plan["mask_radius_px"], MASK_EDGE)
             x_c = al.crop_ft(ft2(img), band.m)
             ctf = ctf_2d_stack(plan["box"], plan["pixel_size"], o.voltage, o.cs, o.amplitude_contrast,
                                np.array([row["df1"]]), np.array([row["df2"]]), np.array([row["angast"]]),
                                np.array([row["pshift"]]))[0]
             c_c = al.crop_ft(ctf, band.m)
-            res = np.array([ai.search_grid(x_c, c_c, pr, band, plan["max_shift_px"], coarse=co)
+            res = np.array([ai.search_grid(x_c, c_c, pr, band, plan["max_shift_px"], coarse=co, pick=pick,
+                                           pick_range=plan.get("pick_range", ai.PICK_RANGE), directions=directions)
                             for pr, co in zip(projections, coarse)])
             out.append(res)
         return out
@@ -284,6 +296,8 @@ def _job(ctx: JobContext) -> dict:
             _update(cfg, state, plan, res, ctx)
         last = world.bcast(last)
         limit = 0.0 if last else (plan["rec_limit"] if ctx.is_controller else None)
+        # measured (box 48, 1000 particles, seed 1): the per-voxel nominator in the reconstruction (wiener=...)
+        # ended at 54 Å, the per-shell re-filter of the plain Wiener map at 25 Å: the re-filter stays
         recs = _reconstruct(ctx, cfg, state, rec_limit=world.bcast(limit))
         t2 = time.monotonic()
         if ctx.is_controller:
@@ -324,13 +338,21 @@ def _round_plan(cfg: dict[str, Any], state: dict[str, Any], a: dict[str, Any], n
     frac = min(a.get("search_multiplier", 5.0) * pct, 100.0) / 100.0
     n_search = max(1, int(round(frac * n)))
     idx = np.sort(rng.choice(n, size=n_search, replace=False)) if n_search < n else np.arange(n)
+    pick_range = float(a.get("pick_range") or 0.0)
+    # one uniform number per searched particle (rank 0's generator: the same for any rank count)
+    # ... except in the very last round, whose parameters and map are the job's output: the best orientation
+    final = s + 1 == int(a["starts"]) and r + 1 == n_rounds
+    pick = rng.random(len(idx)) if pick_range > 0 else None
+    if final:
+        pick = None
     state["rng"] = rng_state(rng)
     rows = state["class_params"][0][idx]
     return {
-        "stack": cfg["stack"], "box": cfg["box"], "pixel_size": cfg["pixel_size"], "optics": cfg["optics"],
+        "stack": cfg["stack"], "invert": cfg.get("invert", False), "box": cfg["box"], "pixel_size": cfg["pixel_size"], "optics": cfg["optics"],
         "rows": rows, "index": idx, "grid": al.orientation_grid(step), "step": step, "high_resolution": hi,
         "low_resolution": cfg["low_resolution"], "mask_radius_px": cfg["mask_radius"] / cfg["pixel_size"],
-        "max_shift_px": cfg["max_shift"] / cfg["pixel_size"], "percent": pct,
+        "max_shift_px": cfg["max_shift"] / cfg["pixel_size"], "percent": pct, "pick": pick,
+        "pick_range": pick_range,
         "score_fraction": 1.0 if a.get("search_multiplier", 5.0) * pct >= 100.0 else a.get("score_fraction", 0.2),
         "rec_limit": ai.reconstruction_resolution_limit(r, n_rounds, a["start_resolution"], a["end_resolution"]),
         "wiener": _wiener(r, n_rounds, s, a),
@@ -418,12 +440,16 @@ def _reseed(cfg: dict[str, Any], state: dict[str, Any], ctx: JobContext) -> None
 
 
 def _reconstruct(ctx: JobContext, cfg: dict[str, Any], state: dict[str, Any] | None,
-                 rec_limit: float) -> list[Reconstruction]:
-    """Reconstruct every class from its selected particles (all ranks; results on rank 0)."""
+                 rec_limit: float, wiener: float = 1.0) -> list[Reconstruction]:
+    """Reconstruct every class from its selected particles (all ranks; results on rank 0).
+
+    ``wiener``: the round's Wiener nominator, applied per voxel in the full map's filter
+    (``D / (W + wiener <W>/SSNR)``, cisTEM's ``CTF^2 + nominator/SSNR``).
+    """
     k = cfg["k"]
     symmetry = ctx.world.bcast(state["applied_symmetry"] if ctx.is_controller else None)
     settings = ReconstructionSettings(symmetry=symmetry, mask_radius=cfg["mask_radius"],
-                                      resolution_limit=rec_limit, bfactor=0.0)
+                                      resolution_limit=rec_limit, bfactor=0.0, wiener_nominator=float(wiener))
     out = []
     for c in range(k):
         particles = None
@@ -435,14 +461,14 @@ def _reconstruct(ctx: JobContext, cfg: dict[str, Any], state: dict[str, Any] | N
             if cfg["half_by_position"] is not None:
                 extra["half_set"] = cfg["half_by_position"][p["position"].astype(np.int64)]
             particles = ParticleSet(params=p, optics=[cfg["optics"]], extra=extra)
-        rec = reconstruct_particles(ctx.world, cfg["stack"], particles, settings)
+        rec = reconstruct_particles(ctx.world, cfg["stack"], particles, settings, invert=cfg.get("invert", False))
         if ctx.is_controller:
             out.append(rec)
     return out
 
 
 def _reference(cfg: dict[str, Any], rec: Reconstruction, nominator: float) -> np.ndarray:
-    """Next round's reference: Wiener re-filtered, centred, masked (rank 0)."""
+    """Next round's reference: Wiener re-filtered (per shell), centred, masked (rank 0)."""
     v = ai.wiener_refilter(rec.volume, rec.fsc_unmasked, nominator)
     v = ai.shift_volume(v, -ai.centre_of_mass(v))
     mask = sphere_mask(cfg["box"], cfg["mask_radius"] / cfg["pixel_size"], edge=MASK_EDGE)
@@ -500,7 +526,7 @@ def _final_search(ctx: JobContext, cfg: dict[str, Any], state: dict[str, Any] | 
     if ctx.is_controller:
         hi = a["end_resolution"]
         step = a.get("angular_step") or ai.angular_step(hi, a.get("step_radius") or ai.ANGULAR_STEP_RADIUS)
-        plan = {"stack": cfg["stack"], "box": cfg["box"], "pixel_size": cfg["pixel_size"], "optics": cfg["optics"],
+        plan = {"stack": cfg["stack"], "invert": cfg.get("invert", False), "box": cfg["box"], "pixel_size": cfg["pixel_size"], "optics": cfg["optics"],
                 "rows": state["class_params"][0][todo], "index": todo, "grid": al.orientation_grid(step), "step": step,
                 "high_resolution": hi, "low_resolution": cfg["low_resolution"],
                 "mask_radius_px": cfg["mask_radius"] / cfg["pixel_size"],

@@ -51,6 +51,9 @@ class ReconstructionSettings:
     score_weighting: float = 0.0  # Frealign score -> B-factor conversion; 0 = off
     bfactor: float | None = None  # None = automatic (Guinier)
     chunk_size: int | None = None
+    #: Multiplies the full map's Wiener term: ``D / (W + nominator <W>_s / SSNR(s))`` per voxel (cisTEM's
+    #: ``CTF^2 + nominator / SSNR``, ab initio's falling nominator); 1 = the plain Wiener filter. Half maps unaffected.
+    wiener_nominator: float = 1.0
 
 
 @dataclass
@@ -171,6 +174,7 @@ def reconstruct_particles(
             continue
         fsc = rec.fsc_from_sums(sums)
         reg_half, reg_full = rec.wiener_regularisers(sums, fsc)
+    reg_full = reg_full * float(settings.wiener_nominator)
     full_shape = slabs[0].full_shape
     del slabs
     g1 = gather_z(world, rec.normalise_slab(s_d1, s_w1, z0, p, n, reg_half), full_shape)

@@ -17,7 +17,14 @@ cisTEM's ab-initio manager sets it:
   percentage reaches 100 %) (:func:`search_fraction`, :func:`score_fraction`);
 * Wiener nominator 500 in the very first round, then ``200 + (10 - 200) r / R``
   (at least 10) in the first start and 10 in later starts
-  (:func:`wiener_nominator`);
+  (:func:`wiener_nominator`), applied per shell to the plain Wiener map
+  (:func:`wiener_refilter`); the per-voxel form (``ReconstructionSettings.
+  wiener_nominator``, cisTEM's ``CTF^2 + nominator/SSNR``) exists but measured worse;
+* optionally (the job's ``--pick-range``, default off: it measured worse here)
+  each searched particle takes a random orientation among the projection
+  directions scoring within 15 % of the score range below the best (cisTEM's
+  ``best_parameters_to_keep < 0``: "take random best parameter"), not the best
+  (:func:`search_grid` ``pick``, :func:`grid_directions`);
 * symmetry axes found at round ``round(0.75 R)`` of the first start, then
   symmetry is imposed (:func:`symmetry_round`, :func:`align_symmetry_axes`).
 
@@ -51,7 +58,7 @@ __all__ = [
     "percent_used_range", "percent_used", "search_fraction", "score_fraction", "wiener_nominator",
     "symmetry_round", "random_orientations", "best_fraction", "wiener_refilter", "centre_of_mass",
     "auto_mask", "shift_volume", "rotate_volume", "symmetrise", "symmetry_score", "align_symmetry_axes",
-    "grid_projections", "search_grid", "coarse_grid", "CoarseGrid", "mirror", "align_to_reference", "map_change",
+    "grid_projections", "search_grid", "grid_directions", "coarse_grid", "CoarseGrid", "mirror", "align_to_reference", "map_change",
 ]
 
 #: cisTEM: particles refined per round = this x the percentage used.
@@ -61,6 +68,8 @@ SCORE_THRESHOLD = 0.2
 #: Asymmetric units wanted in the first and last round, per class.
 START_ASYM_UNITS = 2500
 END_ASYM_UNITS = 10000
+#: cisTEM's ab initio picks a random orientation among those within this fraction of the score range of the best.
+PICK_RANGE = 0.15
 #: Radius (Å) in cisTEM's ``CalculateAngularStep(res, 75)`` for ab initio.
 ANGULAR_STEP_RADIUS = 75.0
 
@@ -485,7 +494,8 @@ def grid_projections(vft: VolumeFT, grid: np.ndarray, band: al.Band, batch: int 
 
 
 def search_grid(x_c: np.ndarray, ctf_c: np.ndarray, projections: np.ndarray, band: al.Band,
-                max_shift: float, coarse: "CoarseGrid | None" = None, batch: int = 512
+                max_shift: float, coarse: "CoarseGrid | None" = None, batch: int = 512,
+                pick: float | None = None, pick_range: float = PICK_RANGE, directions: np.ndarray | None = None
                 ) -> tuple[int, float, float, float]:
     """Best grid orientation and shift of one particle (the project's FFT shift search per orientation).
 
@@ -502,6 +512,18 @@ def search_grid(x_c: np.ndarray, ctf_c: np.ndarray, projections: np.ndarray, ban
         (:func:`coarse_grid`); only the fine orientations near its best
         ``keep`` orientations are then scored at the full band.  None: every
         fine orientation at the full band.
+    pick : float, optional
+        A uniform random number in [0, 1): instead of the best orientation,
+        take one at random among those scoring within ``pick_range`` of the
+        score range (best - worst of the orientations scored) below the best
+        (cisTEM's ab initio "take a random best parameter"): the noise that
+        lets the search leave a wrong starting map.  None: the best.
+    pick_range : float
+        Fraction of the score range (cisTEM: 0.15).
+    directions : ndarray (k,) of int, optional
+        Projection direction of each grid orientation (:func:`grid_directions`): as
+        cisTEM's list of best parameters, each direction counts once, with its best
+        in-plane angle and shift, when ``pick`` is given.  None: every orientation alone.
 
     Returns
     -------
@@ -520,6 +542,20 @@ def search_grid(x_c: np.ndarray, ctf_c: np.ndarray, projections: np.ndarray, ban
                                                  max_shift)[0] for s in range(0, len(coarse.projections), batch)])
         top = np.argsort(-scores, kind="stable")[:coarse.keep]
         candidates = np.unique(np.concatenate([coarse.neighbours[j] for j in top]))
+    if pick is not None:
+        parts = [al.shift_search(x_c, projections[candidates[s:s + batch]] * ctf_c[None], band, max_shift)
+                 for s in range(0, len(candidates), batch)]
+        score, dx, dy = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        if directions is not None:  # the best in-plane orientation of each direction
+            d = np.asarray(directions)[candidates]
+            by = np.lexsort((np.arange(len(d)), -score, d))
+            first = by[np.r_[True, d[by][1:] != d[by][:-1]]]
+            candidates, score, dx, dy = candidates[first], score[first], dx[first], dy[first]
+        order = np.argsort(-score, kind="stable")
+        top, worst = float(score[order[0]]), float(score[order[-1]])
+        count = int(np.sum(score >= top - pick_range * (top - worst)))
+        j = int(order[min(int(float(pick) * count), count - 1)])
+        return int(candidates[j]), float(dx[j]), float(dy[j]), float(score[j])
     best = (-np.inf, 0, 0.0, 0.0)
     for s in range(0, len(candidates), batch):
         sel = candidates[s:s + batch]
@@ -528,6 +564,21 @@ def search_grid(x_c: np.ndarray, ctf_c: np.ndarray, projections: np.ndarray, ban
         if score[j] > best[0]:
             best = (float(score[j]), int(sel[j]), float(dx[j]), float(dy[j]))
     return best[1], best[2], best[3], best[0]
+
+
+def grid_directions(grid: np.ndarray) -> np.ndarray:
+    """Index of the projection direction (phi, theta) of every orientation of a grid.
+
+    >>> grid_directions(np.array([[0, 10, 0], [0, 10, 90], [5, 20, 0]], float)).tolist()
+    [0, 0, 1]
+    """
+    g = np.round(np.asarray(grid, dtype=np.float64)[:, :2], 6)
+    _, inverse = np.unique(g, axis=0, return_inverse=True)
+    first = {}
+    out = np.empty(len(g), dtype=np.int64)
+    for i, v in enumerate(np.asarray(inverse).ravel()):
+        out[i] = first.setdefault(int(v), len(first))
+    return out
 
 
 @dataclass
