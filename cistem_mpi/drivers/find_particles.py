@@ -33,7 +33,9 @@ import numpy as np
 
 from cistem_mpi.db import picking as picking_db
 from cistem_mpi.db.project import Project
-from cistem_mpi.drivers.itemjob import check_selection, ItemContext, ItemOutcome, ItemPlan, add_item_arguments, run_item_job
+from cistem_mpi.drivers.itemjob import (
+    ItemContext, ItemOutcome, ItemPlan, add_item_arguments, check_selection, run_item_job,
+)
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options
 from cistem_mpi.errors import InputError
 
