@@ -190,7 +190,7 @@ def test_job_table_lists_every_job(built, tmp_path):
     assert {r[0]: r[2] for r in rows} == states
     assert len(states) == 8 and set(states.values()) == {"finished"}
     types = [r[1] for r in rows]
-    assert types[:3] == ["import", "find_ctf", "find_particles"] and "classify_2d" in types
+    assert types[:3] == ["import_images", "find_ctf", "find_particles"] and "classify_2d" in types
 
 
 def _add_jobs(root: Path) -> dict[str, int]:
