@@ -426,9 +426,17 @@ def _start(project: Project, args: argparse.Namespace, job_type: str, size: int)
 
 
 #: Options that belong to one invocation, not to a job's settings (a resume may change them).
-#: Fault injection (``mpi-check --kill-rank ...``) is one run's, too: a resumed job must not kill itself again.
-_PER_RUN_OPTIONS = frozenset({"project", "resume", "keep_scratch", "debug", "command",
-                              "fail_rank", "fail_task", "kill_rank", "kill_iteration", "hang_rank"})
+_PER_RUN_OPTIONS: set[str] = {"project", "resume", "keep_scratch", "debug", "command"}
+
+
+def per_run_options(*names: str) -> None:
+    """Declare a driver's options that belong to one run, not to the job's settings.
+
+    ``--resume`` neither takes them from the killed job's record nor refuses
+    a new value (e.g. ``mpi-check``'s fault injection: a resumed job must not
+    kill itself again).  Call it from the driver's ``register``.
+    """
+    _PER_RUN_OPTIONS.update(names)
 
 
 def _resumed_arguments(old: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
+from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, per_run_options, run_job
 from cistem_mpi.drivers.runtime import array as array_mode
 from cistem_mpi.drivers.runtime.checkpoint import CheckpointStore, rng_from_state, rng_state
 from cistem_mpi.drivers.runtime.slab import gather_z, reduce_scatter_z
@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-ms", type=float, default=0.0, help="extra time per task in ms (load test)")
     p.add_argument("--chunk-size", type=int, default=None, help="fixed chunk size (default: guided)")
     fault = p.add_argument_group("fault injection (to verify failure handling)")
+    per_run_options("fail_rank", "fail_task", "kill_rank", "kill_iteration", "hang_rank")
     fault.add_argument("--fail-rank", type=int, help="this rank raises an error ...")
     fault.add_argument("--fail-task", type=int, default=0, help="... at its first task >= this index (default 0)")
     fault.add_argument("--kill-rank", type=int, help="this rank kills itself with SIGKILL ...")
