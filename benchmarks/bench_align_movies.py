@@ -59,64 +59,6 @@ def _make_movie(d: Path, size: int, n: int):
     return {"mrc": Path(sim.movies["mrc"][0]), "tiff": Path(sim.movies["tiff"][0])}, Path(sim.gain), truth
 
 
-def _tiff_with_sample_format(src: Path, dst: Path) -> Path:
-    """A copy of a classic (little-endian, one strip set per page) TIFF movie with SampleFormat written.
-
-    cisTEM's TIFF reader refuses pages without the SampleFormat tag ("Unsupported sample format: 0"),
-    which tifffile omits for unsigned integers; the compressed strips are copied byte for byte, so
-    decoding costs the same.
-    """
-    import struct
-
-    import tifffile
-
-    raw = src.read_bytes()
-    out = bytearray(b"II*\x00\x00\x00\x00\x00")
-    ifds = []
-    with tifffile.TiffFile(str(src)) as tf:
-        if tf.byteorder != "<" or tf.is_bigtiff:
-            raise ValueError("only little-endian classic TIFF")
-        for page in tf.pages:
-            t = page.tags
-            offs, counts = [], []
-            for o, c in zip(t["StripOffsets"].value, t["StripByteCounts"].value):
-                offs.append(len(out))
-                counts.append(c)
-                out += raw[o:o + c]
-            if len(out) % 2:
-                out += b"\x00"
-            arrays = {}
-            for name, vals in (("offsets", offs), ("counts", counts)):
-                arrays[name] = len(out)
-                out += struct.pack(f"<{len(vals)}I", *vals)
-            entries = [(256, 4, 1, page.imagewidth), (257, 4, 1, page.imagelength),
-                       (258, 3, 1, page.bitspersample), (259, 3, 1, int(page.compression)), (262, 3, 1, 1),
-                       (273, 4, len(offs), offs[0] if len(offs) == 1 else arrays["offsets"]),
-                       (277, 3, 1, 1), (278, 4, 1, t["RowsPerStrip"].value),
-                       (279, 4, len(counts), counts[0] if len(counts) == 1 else arrays["counts"])]
-            if "Predictor" in t:
-                entries.append((317, 3, 1, int(t["Predictor"].value)))
-            entries.append((339, 3, 1, 1))  # SampleFormat: unsigned integer
-            ifds.append(entries)
-    links = []
-    for k, entries in enumerate(ifds):
-        start = len(out)
-        if k == 0:
-            out[4:8] = struct.pack("<I", start)
-        else:
-            out[links[-1]:links[-1] + 4] = struct.pack("<I", start)
-        out += struct.pack("<H", len(entries))
-        for tag, typ, cnt, val in entries:
-            if typ == 3 and cnt == 1:
-                out += struct.pack("<HHIHH", tag, typ, cnt, val, 0)
-            else:
-                out += struct.pack("<HHII", tag, typ, cnt, val)
-        links.append(len(out))
-        out += b"\x00\x00\x00\x00"
-    dst.write_bytes(bytes(out))
-    return dst
-
-
 def _options(full_frame_only: bool) -> dict:
     return {"min_shift": 2.0, "max_shift": 80.0, "bfactor": 1500.0, "termination": 1.0, "max_iterations": 20,
             "mask_cross": True, "cross_half_width": (1, 1), "smoothing_window": None, "smoothing": "whittaker",
@@ -315,7 +257,7 @@ def main() -> None:
         print(peer_status("unblur"))
         if peer is not None:
             for fmt in ("mrc", "tiff"):
-                src = movies[fmt] if fmt == "mrc" else _tiff_with_sample_format(movies[fmt], d / "for_unblur.tif")
+                src = movies[fmt]  # our LZW TIFFs carry SampleFormat, which cisTEM needs
                 r = _unblur(src, gain, d / f"unblur_{fmt}", n)
                 r["rms_px"] = trajectory_rms(np.array(r["shifts"]), -truth)
                 res[f"unblur_{fmt}"] = r
