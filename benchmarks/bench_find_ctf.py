@@ -23,6 +23,13 @@ same micrographs are also fitted by cisTEM's ``ctffind`` (box 512, 30-5 Å,
 and its CPU time (``getrusage`` of the child), peak memory and fit are
 printed beside ours.
 
+Sample thickness (``--thickness``, ctffind5's node model): the same
+micrographs are timed with the thickness fit on, and simulated 1024² thick
+samples (1000, 2000 and 3000 Å, the CTF integrated over the slab) are
+fitted by us and, with ``CISTEM_BIN``, by ctffind5 with "Determine sample
+thickness" (1D brute force, 2D refinement, 30-3 Å, its defaults) in the
+same run: thickness and defocus errors against the truth, and CPU seconds.
+
 Usage::
 
     python benchmarks/bench_find_ctf.py            # 2 repeats of each
@@ -129,14 +136,15 @@ def main() -> None:
     for name, img, px, path in mics:
         if peers.find_peer("ctffind") is not None:
             peer_rows.append((name, img, px, path))
-        for label, opts in (("no phase", K.CtffindOptions()), ("phase 0-pi", K.CtffindOptions(phase_plate=True))):
+        for label, opts in (("no phase", K.CtffindOptions()), ("phase 0-pi", K.CtffindOptions(phase_plate=True)),
+                            ("thickness", K.CtffindOptions(thickness=True))):
             t_ours, r = _time(lambda: K.estimate_ctf(img, px, 300.0, 2.7, 0.07, opts), a.repeats)
             with plain_numpy():
                 t_np, rn = _time(lambda: K.estimate_ctf(img, px, 300.0, 2.7, 0.07, opts), 1)
             scale = img.size / 4096 ** 2
             print(f"{name:<22} {label:<12} {t_ours:12.2f} {t_np:9.2f} {t_np / t_ours:7.1f}x   "
                   f"{r.df1:.0f} {r.df2:.0f} {r.angast:.1f} {r.pshift:.2f} (numpy: {rn.df1:.0f} {rn.df2:.0f})"
-                  f"  [{t_ours / scale:.2f} s per 4096^2]")
+                  f"  [{t_ours / scale:.2f} s per 4096^2]" + (f" t={r.thickness:.0f} Å" if opts.thickness else ""))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (ru_maxrss): {rss:.0f} MB (includes the micrographs held in memory: "
           f"{sum(m[1].nbytes for m in mics) / 2 ** 20:.0f} MB)")
@@ -159,6 +167,49 @@ def main() -> None:
         ours = f"{r.df1:.0f} {r.df2:.0f} {r.angast:.1f} {r.fit_resolution:.2f}"
         print(f"{name:<22} {run.cpu_s:9.2f} {t_ours:7.2f} {run.cpu_s / t_ours:5.1f}x  {theirs:<30} {ours:<30} "
               f"{run.peak_mb:10.0f}")
+    thickness_accuracy(a.repeats)
+
+
+def _ctffind_thickness(path: Path, px: float, workdir: Path) -> tuple[list[float], object]:
+    """ctffind5 with "Determine sample thickness" (its defaults); returns (the .txt row, run)."""
+    ans = peers.ctffind_answers(path.resolve(), workdir / "diagnostic.mrc", px)
+    k = len(ans) - 2  # ... tilt, thickness, expert options
+    ans = ans[:k] + ["yes", "yes", "yes", 30.0, 3.0, "no", "no"] + ans[k + 1:]
+    run = peers.run_peer("ctffind", ans, workdir)
+    txt = workdir / "diagnostic.txt"
+    if run.returncode != 0 or not txt.is_file():
+        raise RuntimeError(f"ctffind failed (rc {run.returncode}):\n{run.output[-2000:]}")
+    row = [ln.split() for ln in txt.read_text().splitlines() if ln.strip() and not ln.startswith("#")][0]
+    return [float(x) for x in row], run
+
+
+def thickness_accuracy(repeats: int) -> None:
+    """Thickness and defocus of simulated thick samples: ours and (with CISTEM_BIN) ctffind5's, against the truth."""
+    from cistem_mpi.drivers.simulate import simulate_micrographs
+    from cistem_mpi.io.mrc import read_mrc
+
+    have_peer = peers.find_peer("ctffind") is not None
+    print("\nthick samples (1024^2, 1.5 Å, 40 e/Å^2, simulated slab): errors against the truth")
+    print(f"{'truth t':>8} {'DF1 DF2':>12} | {'ours t':>7} {'dDF1 dDF2':>11} {'s':>6} | "
+          f"{'ctffind5 t':>10} {'dDF1 dDF2':>11} {'s':>6} | {'ours, no --thickness dDF1 dDF2':>30}")
+    for t, seed in ((1000.0, 10), (2000.0, 20), (3000.0, 30)):
+        with tempfile.TemporaryDirectory() as td:
+            sim = simulate_micrographs(Path(td) / "sim", n_micrographs=1, shape=(1024, 1024), pixel_size=1.5,
+                                       defocus_mean=15000, defocus_spread=5000, astigmatism=500, exposure=40,
+                                       seed=seed, n_per_micrograph=10, thickness_angstrom=t)
+            img = np.asarray(read_mrc(sim.micrographs[0], pixel_size=1.5)[0], np.float32).squeeze()
+            d1, d2 = float(max(sim.ctf[0][:2])), float(min(sim.ctf[0][:2]))
+            t_ours, r = _time(lambda: K.estimate_ctf(img, 1.5, 300.0, 2.7, 0.07, K.CtffindOptions(thickness=True)),
+                              repeats)
+            plain = K.estimate_ctf(img, 1.5, 300.0, 2.7, 0.07)
+            theirs = "(CISTEM_BIN not set)"
+            if have_peer:
+                wd = Path(td) / "peer"
+                wd.mkdir()
+                v, run = _ctffind_thickness(sim.micrographs[0], 1.5, wd)
+                theirs = f"{v[9]:10.0f} {v[1] - d1:+5.0f} {v[2] - d2:+5.0f} {run.cpu_s:6.2f}"
+            print(f"{t:8.0f} {d1:6.0f}{d2:6.0f} | {r.thickness:7.0f} {r.df1 - d1:+5.0f} {r.df2 - d2:+5.0f} "
+                  f"{t_ours:6.2f} | {theirs} | {plain.df1 - d1:+15.0f} {plain.df2 - d2:+5.0f}")
 
 
 if __name__ == "__main__":

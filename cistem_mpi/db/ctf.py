@@ -24,15 +24,16 @@ def images_to_fit(conn: sqlite3.Connection, selection: Sequence[str] | None = No
 
     Returns
     -------
-    list of rows with id, name, path, unweighted_path, nx, ny, pixel_size, voltage, cs, amplitude_contrast
+    list of rows with id, name, path, unweighted_path, nx, ny, pixel_size, voltage, cs, amplitude_contrast,
+    movie_id, shifts_path (the align-movies movie and trajectory, or NULL)
 
     >>> import sqlite3; from cistem_mpi.db import schema
     >>> c = sqlite3.connect(":memory:", isolation_level=None); _ = schema.migrate(c)
     >>> images_to_fit(c)
     []
     """
-    sql = ("SELECT id, name, path, unweighted_path, nx, ny, pixel_size, voltage, cs, amplitude_contrast "
-           "FROM images")
+    sql = ("SELECT id, name, path, unweighted_path, nx, ny, pixel_size, voltage, cs, amplitude_contrast, "
+           "movie_id, shifts_path FROM images")
     where, args = by_id_or_name(selection, "")
     sql += " WHERE " + where
     return list(conn.execute(sql + " ORDER BY id", args))

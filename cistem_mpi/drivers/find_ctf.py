@@ -22,8 +22,22 @@ defocus of sub-regions fitted by a plane) to the row (``tilt_axis``,
 ``tilt_angle``, degrees) and to columns 8 and 9 of the ``.txt``.  A
 particle at pixel (x, y) of an nx x ny image then has the defocus change
 ``tan(tilt_angle) * (-(x - nx/2) sin(tilt_axis) + (y - ny/2) cos(tilt_axis)) * pixel``
-(Å, added to DF1 and DF2; the simulator's convention).  Sample thickness
-(ctffind5's node model) is not estimated (``thickness`` stays NULL).
+(Å, added to DF1 and DF2; the simulator's convention).
+
+``--thickness`` (off by default) adds the sample thickness (ctffind5's node
+model, :func:`cistem_mpi.kernels.ctffind.estimate_thickness`, fitted 30–3 Å
+after the defocus) to the row (``thickness``, Å), to column 10 of the
+``.txt``, and to the job result; DF1, DF2 and ANGAST are then those refined
+with it, and the ``_avrot.txt`` fit row is the slab model
+``0.5 (1 - E sinc cos 2 chi)``.
+
+``--from-frames [N]`` (N = 3 by default, as cisTEM) fits the spectrum
+averaged over sums of N consecutive frames of the image's movie, each frame
+gain-corrected (the movie record's gain reference) and moved by its
+align-movies shift (``images.shifts_path``), instead of the image's own
+spectrum.  An image without a movie (imported micrographs), without its
+shifts file, or binned by align-movies is fitted from the image itself, with
+a warning, and listed in the job result (``fitted_from_image``).
 """
 
 from __future__ import annotations
@@ -71,6 +85,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="overlap of neighbouring tiles, 0..0.9 (default: 0.5 when fewer than 9 tiles fit, else 0)")
     p.add_argument("--tilt", action="store_true",
                    help="also estimate the specimen tilt axis and angle from the defocus of sub-regions (ctffind5)")
+    p.add_argument("--thickness", action="store_true",
+                   help="also estimate the sample thickness from the Thon-ring nodes (ctffind5's model)")
+    p.add_argument("--thickness-resolution", type=float, nargs=2, default=(30.0, 3.0), metavar=("LOW", "HIGH"),
+                   help="fitting range of the thickness fit, Å (30 3, ctffind5's)")
+    p.add_argument("--thickness-range", type=float, nargs=2, default=(500.0, 4000.0), metavar=("MIN", "MAX"),
+                   help="thickness search range, Å (500 4000, ctffind5's)")
+    p.add_argument("--from-frames", type=int, nargs="?", const=3, default=None, metavar="N",
+                   help="fit the spectrum averaged over sums of N aligned frames of the image's movie "
+                        "(N = 3 when given without a number, as cisTEM)")
     p.add_argument("--no-resample", action="store_true",
                    help="fit at the image's pixel size even when it is below 1.4 Å (ctffind resamples)")
     p.add_argument("--poor-fit-resolution", type=float, default=0.0,
@@ -103,6 +126,14 @@ def _checked(a: argparse.Namespace) -> argparse.Namespace:
         raise InputError("--tile-overlap", f"must be in [0, 0.9], got {a.tile_overlap}")
     if a.amplitude_contrast is not None and not (0.0 <= a.amplitude_contrast < 1.0):
         raise InputError("--amplitude-contrast", f"must be in [0, 1), got {a.amplitude_contrast}")
+    lo, hi = (float(v) for v in a.thickness_resolution)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo > hi > 0):
+        raise InputError("--thickness-resolution", f"needs LOW > HIGH > 0 Å, got {lo:g} {hi:g}")
+    t0, t1 = (float(v) for v in a.thickness_range)
+    if not (math.isfinite(t0) and math.isfinite(t1) and 0 < t0 < t1):
+        raise InputError("--thickness-range", f"needs 0 < MIN < MAX Å, got {t0:g} {t1:g}")
+    if a.from_frames is not None and a.from_frames < 1:
+        raise InputError("--from-frames", f"must be at least 1 frame, got {a.from_frames}")
     return a
 
 
@@ -112,7 +143,10 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
                 defocus_step=float(a.defocus_step), phase_plate=bool(a.phase_plate),
                 min_phase_shift=float(a.min_phase_shift), max_phase_shift=float(a.max_phase_shift),
                 phase_shift_step=float(a.phase_shift_step), astigmatism_tolerance=float(a.astigmatism_tolerance),
-                resample=not a.no_resample, tilt=bool(a.tilt), tile_overlap=a.tile_overlap)
+                resample=not a.no_resample, tilt=bool(a.tilt), tile_overlap=a.tile_overlap,
+                thickness=bool(a.thickness), thickness_min_resolution=float(a.thickness_resolution[0]),
+                thickness_max_resolution=float(a.thickness_resolution[1]),
+                min_thickness=float(a.thickness_range[0]), max_thickness=float(a.thickness_range[1]))
 
 
 # ---------------------------------------------------------------------- plan (rank 0)
@@ -148,6 +182,7 @@ def plan(project: Project, args: argparse.Namespace) -> ItemPlan:
         if settings["min_resolution"] > settings["box"] * px:
             raise InputError(path, f"--min-resolution {settings['min_resolution']:g} Å is beyond the tile's "
                                    f"{settings['box'] * px:g} Å")
+        frames = _frames_source(project, r, args.from_frames, settings["box"]) if args.from_frames else None
         number = counts.get(int(r["id"]), 0) + 1
         while True:
             stem = f"{r['name']}_ctf_{number}"  # names may hold dots (epu2.9_...): no with_suffix
@@ -158,11 +193,77 @@ def plan(project: Project, args: argparse.Namespace) -> ItemPlan:
         items.append(dict(image_id=int(r["id"]), name=str(r["name"]), path=str(path),
                           image_path=str(project.resolve(r["path"])), pixel_size=px,
                           voltage=voltage, cs=cs, amplitude_contrast=ac, txt=str(outs[0]), avrot=str(outs[1]),
-                          png=str(outs[2])))
+                          png=str(outs[2]), frames=frames))
         names.append(str(r["name"]))
     options = dict(settings=settings, poor_fit_resolution=float(args.poor_fit_resolution),
-                   project_root=str(project.root))
+                   project_root=str(project.root), from_frames=args.from_frames)
     return ItemPlan(items=items, names=names, options=options)
+
+
+def _frames_source(project: Project, row, group: int, box: int) -> dict[str, Any]:
+    """Where the image's aligned frames are (movie, gain, shifts), or ``{"fallback": why}`` to fit the image."""
+    from cistem_mpi.db import movies as movies_db
+    from cistem_mpi.io.motion_files import read_shifts
+
+    if row["movie_id"] is None:
+        return {"fallback": "no movie (not made by align-movies)"}
+    if not row["shifts_path"]:
+        return {"fallback": "no align-movies shifts recorded"}
+    movie = movies_db.list_movies(project.conn, [int(row["movie_id"])])[0]
+    path = project.resolve(movie["path"])
+    if not Path(path).is_file():
+        raise InputError(path, f"movie of image {row['name']} not found (--from-frames)")
+    shifts_path = project.resolve(row["shifts_path"])
+    if not Path(shifts_path).is_file():
+        raise InputError(shifts_path, f"align-movies shifts of image {row['name']} not found (--from-frames)")
+    shifts = read_shifts(shifts_path)
+    if shifts.shape[0] != int(movie["n_frames"]) or not np.isfinite(shifts).all():
+        raise InputError(shifts_path, f"has {shifts.shape[0]} finite shifts for a movie of {movie['n_frames']} frames")
+    if (int(movie["nx"]), int(movie["ny"])) != (int(row["nx"]), int(row["ny"])):
+        return {"fallback": f"the image is binned ({row['nx']}x{row['ny']} from {movie['nx']}x{movie['ny']} frames)"}
+    if min(int(movie["nx"]), int(movie["ny"])) < box:
+        raise InputError(path, f"frames are {movie['nx']}x{movie['ny']} pixels, smaller than the tile box {box}")
+    gain = project.resolve(movie["gain_path"]) if movie["gain_path"] else None
+    if gain is not None and not Path(gain).is_file():
+        raise InputError(gain, f"gain reference of movie {movie['name']} not found (--from-frames)")
+    return {"movie": str(path), "gain": None if gain is None else str(gain), "n_frames": int(movie["n_frames"]),
+            "shifts": shifts.tolist(), "group": int(group), "pixel_size": float(movie["pixel_size"])}
+
+
+def _frame_spectrum(item: dict[str, Any], opts, shape: tuple[int, int]) -> np.ndarray:
+    """The average spectrum of sums of ``group`` aligned, gain-corrected frames, at the fitting geometry."""
+    from cistem_mpi.io.gain import match_gain_to_frames, read_gain
+    from cistem_mpi.io.movies import open_movie
+    from cistem_mpi.kernels.ctffind import fitting_geometry, frame_group_spectrum
+    from cistem_mpi.kernels.motion import prepare_frame
+
+    fr = item["frames"]
+    path = fr["movie"]
+    try:
+        movie = (open_movie(path, eer_fractions=fr["n_frames"], pixel_size=fr["pixel_size"])
+                 if path.lower().endswith(".eer") else open_movie(path))
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable movie: bad input
+        raise InputError(path, f"cannot read movie: {type(exc).__name__}: {exc}") from None
+    try:
+        n = len(movie)
+        if n != fr["n_frames"]:
+            raise InputError(path, f"movie has {n} frames, its record and shifts {fr['n_frames']}")
+        frame_shape = tuple(int(v) for v in movie.shape[-2:])
+        if frame_shape != tuple(shape):
+            raise InputError(path, f"frames are {frame_shape[1]}x{frame_shape[0]}, the image {shape[1]}x{shape[0]}")
+        gain = match_gain_to_frames(read_gain(fr["gain"]), frame_shape, fr["gain"], path) if fr["gain"] else None
+        tile, _ = fitting_geometry(frame_shape, item["pixel_size"], opts.box, opts.resample, opts.target_pixel_size,
+                                   opts.max_resolution)
+        overlap = opts.tile_overlap
+        if overlap is None:
+            overlap = 0.5 if (frame_shape[0] // tile) * (frame_shape[1] // tile) < 9 else 0.0
+        frames = (prepare_frame(movie[i], gain) for i in range(n))
+        return frame_group_spectrum(frames, np.asarray(fr["shifts"], np.float64), fr["group"], tile, opts.box,
+                                    overlap)
+    finally:
+        movie.close()
 
 
 # ---------------------------------------------------------------------- compute (any rank)
@@ -183,8 +284,13 @@ def compute(item: dict[str, Any], options: dict[str, Any], ictx: ItemContext) ->
     if float(data.std()) == 0.0:
         raise InputError(item["path"], "is constant (no spectrum to fit)")
     opts = CtffindOptions(**s)
+    from_frames = bool(item.get("frames")) and "fallback" not in item["frames"]
+    raw = _frame_spectrum(item, opts, data.shape) if from_frames else None
+    if raw is not None and not np.isfinite(raw).all():
+        raise InputError(item["frames"]["movie"], "the frames' spectrum is not finite")
     try:
-        r = estimate_ctf(data, item["pixel_size"], item["voltage"], item["cs"], item["amplitude_contrast"], opts)
+        r = estimate_ctf(data, item["pixel_size"], item["voltage"], item["cs"], item["amplitude_contrast"], opts,
+                         raw_spectrum=raw)
     except ValueError as exc:
         msg = str(exc)
         if not msg.startswith("no CTF fit"):
@@ -203,25 +309,33 @@ def compute(item: dict[str, Any], options: dict[str, Any], ictx: ItemContext) ->
     tilt = [r.tilt_axis, r.tilt_angle] if s["tilt"] else [0.0, 0.0]
     if not all(math.isfinite(v) for v in tilt):
         raise InputError(item["path"], "no tilt estimate (non-finite)")
+    thickness = float(r.thickness) if s["thickness"] else 0.0
+    if not math.isfinite(thickness):
+        raise InputError(item["path"], "no thickness estimate (non-finite)")
+    group = int(item["frames"]["group"]) if from_frames else 1
     # "Input file" names the image's own file (what `import ctf` matches), even when its unweighted sum was fitted
-    write_ctffind_txt(ictx.stage(item["txt"]), item["image_path"], values + tilt + [0.0], **head)
+    write_ctffind_txt(ictx.stage(item["txt"]), item["image_path"], values + tilt + [thickness], **head)
     profiles = [r.frequency, r.avrot_no_astig, r.avrot, r.fit, r.frc, r.frc_sigma]
     if not all(np.isfinite(v).all() for v in profiles):  # never register a file holding NaN/Inf
         raise InputError(item["path"], "the 1D profiles of the fit are not finite")
-    write_ctffind_avrot(ictx.stage(item["avrot"]), item["image_path"], profiles, **head)
+    write_ctffind_avrot(ictx.stage(item["avrot"]), item["image_path"], profiles, frames_averaged=group, **head)
     picture = diagnostic_spectrum(r, item["voltage"], item["cs"], item["amplitude_contrast"], s["min_resolution"],
                                   s["max_resolution"], zoom_resolution=min(s["max_resolution"], r.fit_resolution))
     title = (f"{item['name']}: DF1 {r.df1:.0f} Å, DF2 {r.df2:.0f} Å, ANGAST {r.angast:.1f}°"
              + (f", PSHIFT {r.pshift:.2f} rad" if s["phase_plate"] else "")
              + f", score {r.score:.3f}, fit resolution {r.fit_resolution:.2f} Å"
-             + (f", tilt {r.tilt_angle:.1f}° about {r.tilt_axis:.1f}°" if s["tilt"] else ""))
+             + (f", tilt {r.tilt_angle:.1f}° about {r.tilt_axis:.1f}°" if s["tilt"] else "")
+             + (f", thickness {thickness:.0f} Å" if s["thickness"] else "")
+             + (f" (from {group}-frame sums)" if from_frames else ""))
     save_ctf_diagnostic_png(ictx.stage(item["png"]), picture, r.frequency,
-                            {"equiphase average": r.avrot, "|CTF| fit": r.fit, "FRC": r.frc},
+                            {"equiphase average": r.avrot,
+                             ("slab model fit" if s["thickness"] else "|CTF| fit"): r.fit, "FRC": r.frc},
                             r.fit_resolution, 1.0 / s["min_resolution"], 1.0 / s["max_resolution"], title)
     return dict(df1=r.df1, df2=r.df2, angast=r.angast, pshift=r.pshift, score=r.score,
                 fit_resolution=r.fit_resolution, aliasing_resolution=r.aliasing_resolution,
                 pixel_size_for_fitting=r.pixel_size_for_fitting,
-                tilt_axis=r.tilt_axis if s["tilt"] else None, tilt_angle=r.tilt_angle if s["tilt"] else None)
+                tilt_axis=r.tilt_axis if s["tilt"] else None, tilt_angle=r.tilt_angle if s["tilt"] else None,
+                thickness=thickness if s["thickness"] else None, from_frames=group if from_frames else 0)
 
 
 # ---------------------------------------------------------------------- register (rank 0)
@@ -249,9 +363,11 @@ def register_results(ctx: JobContext, the_plan: ItemPlan, outcomes: list[ItemOut
                      fit_resolution=float(r["fit_resolution"]), score=float(r["score"]),
                      diagnostic_path=Path(item["png"]), output_path=Path(item["txt"]),
                      avrot_path=Path(item["avrot"]), poor_fit=int(is_poor),
-                     tilt_axis=r["tilt_axis"], tilt_angle=r["tilt_angle"], thickness=None)
-        ctx.log.info("%s: DF1 %.1f DF2 %.1f ANGAST %.2f PSHIFT %.3f score %.4f fit resolution %.2f Å%s", o.name,
+                     tilt_axis=r["tilt_axis"], tilt_angle=r["tilt_angle"], thickness=r.get("thickness"))
+        ctx.log.info("%s: DF1 %.1f DF2 %.1f ANGAST %.2f PSHIFT %.3f score %.4f fit resolution %.2f Å%s%s%s", o.name,
                      r["df1"], r["df2"], r["angast"], r["pshift"], r["score"], r["fit_resolution"],
+                     f" thickness {r['thickness']:.0f} Å" if r.get("thickness") is not None else "",
+                     f" (from {r['from_frames']}-frame sums)" if r.get("from_frames") else "",
                      " (poor fit)" if is_poor else "")
         done[item["image_id"]] = dict(item=item, result=r)
     # project-wide RELION export: every image's newest estimate (this job's where it made one)
@@ -278,7 +394,10 @@ def register_results(ctx: JobContext, the_plan: ItemPlan, outcomes: list[ItemOut
     defocus = np.array([0.5 * (d["result"]["df1"] + d["result"]["df2"]) for d in done.values()])
     res = np.array([d["result"]["fit_resolution"] for d in done.values()])
     summary_png = root / CTF_DIR / f"find_ctf_{ctx.job_id}_summary.png"
-    save_ctf_summary_png(ctx.stage(summary_png), defocus, res, f"find-ctf job {ctx.job_id}: {len(done)} image(s)")
+    thick_all = (np.array([d["result"]["thickness"] for d in done.values()], np.float64) if s.get("thickness")
+                 else None)
+    save_ctf_summary_png(ctx.stage(summary_png), defocus, res, f"find-ctf job {ctx.job_id}: {len(done)} image(s)",
+                         thickness=thick_all)
 
     def hist(v: np.ndarray, bins: int = 10) -> dict[str, list]:
         if v.size == 0:
@@ -289,8 +408,20 @@ def register_results(ctx: JobContext, the_plan: ItemPlan, outcomes: list[ItemOut
     if flagged:
         ctx.log.warning("%d image(s) with a fit resolution worse than %.2f Å flagged as poor fits (first: %s)",
                         len(flagged), poor, flagged[0])
-    return {"ctf_estimates": len(done), "poor_fits": len(flagged), "star": str(star),
-            "summary_png": str(summary_png),
-            "defocus_histogram": hist(defocus), "fit_resolution_histogram": hist(res),
-            "mean_defocus": float(defocus.mean()) if defocus.size else None,
-            "median_fit_resolution": float(np.median(res)) if res.size else None}
+    out = {"ctf_estimates": len(done), "poor_fits": len(flagged), "star": str(star),
+           "summary_png": str(summary_png),
+           "defocus_histogram": hist(defocus), "fit_resolution_histogram": hist(res),
+           "mean_defocus": float(defocus.mean()) if defocus.size else None,
+           "median_fit_resolution": float(np.median(res)) if res.size else None}
+    if thick_all is not None:
+        out["thickness_histogram"] = hist(thick_all)
+        out["median_thickness"] = float(np.median(thick_all)) if thick_all.size else None
+    if the_plan.options.get("from_frames"):
+        fallback = [(the_plan.names[k], it["frames"]["fallback"]) for k, it in enumerate(the_plan.items)
+                    if it.get("frames") and "fallback" in it["frames"]]
+        for name, why in fallback:
+            ctx.log.warning("%s: fitted from the image, not its frames: %s", name, why)
+        out["from_frames"] = int(the_plan.options["from_frames"])
+        out["fitted_from_frames"] = sum(1 for d in done.values() if d["result"].get("from_frames"))
+        out["fitted_from_image"] = [name for name, _ in fallback]
+    return out

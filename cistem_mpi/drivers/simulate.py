@@ -498,7 +498,7 @@ def _micrograph_intensity(vft, rng: np.random.Generator, shape: tuple[int, int],
                           n_particles: int, voltage: float, cs: float, amplitude_contrast: float,
                           df: tuple[float, float, float], pshift: float, particle_contrast: float,
                           ice_sigma: float, ice_phase_sigma: float, physics: str = "simple",
-                          **realistic) -> tuple:
+                          thickness_angstrom: float | None = None, **realistic) -> tuple:
     """Noise-free intensity (mean ~1) of one micrograph, its particle positions and rotations.
 
     ``physics="simple"`` (the original model): projections scaled to peak
@@ -506,11 +506,13 @@ def _micrograph_intensity(vft, rng: np.random.Generator, shape: tuple[int, int],
     ``physics="realistic"``: :func:`_physical_intensity` (``vft`` is then a
     :class:`_Particles`; keywords as there) and a 4th return value, the
     truth dict.  Neither applies the detector (see
-    :func:`cistem_mpi.kernels.simulate.apply_detector`).
+    :func:`cistem_mpi.kernels.simulate.apply_detector`).  ``thickness_angstrom``:
+    the ice is a slab of that thickness (the CTF integrated over it; see
+    :func:`cistem_mpi.kernels.simulate.compose_micrograph`).
     """
     if physics == "realistic":
         return _physical_intensity(vft, rng, shape, pixel_size, n_particles, voltage, cs, amplitude_contrast,
-                                   df, pshift, **realistic)
+                                   df, pshift, thickness_angstrom=thickness_angstrom, **realistic)
     if physics != "simple":
         raise ValueError("physics must be 'simple' or 'realistic'")
     pos = random_positions(n_particles, shape, box, rng)
@@ -523,7 +525,9 @@ def _micrograph_intensity(vft, rng: np.random.Generator, shape: tuple[int, int],
     ice = gaussian_random_field(shape, rng, corr_length_px=max(8.0, box / 2), sigma=ice_sigma)
     phase = gaussian_random_field(shape, rng, corr_length_px=1.0, sigma=ice_phase_sigma)
     img = compose_micrograph(proj, pos, shape, pixel_size, voltage, cs, amplitude_contrast,
-                             df[0], df[1], df[2], pshift, contrast=1.0, phase_noise=phase, background=ice)
+                             df[0], df[1], df[2], pshift, contrast=1.0, phase_noise=phase, background=ice,
+                             **({} if thickness_angstrom is None else dict(thickness_angstrom=thickness_angstrom,
+                                                                          rng=rng)))
     return img, pos, rot
 
 
@@ -572,7 +576,7 @@ def _physical_intensity(parts: "_Particles", rng: np.random.Generator, shape: tu
                         ice_thickness_sigma: float = 0.0, tilt_axis: float = 0.0, tilt_angle: float = 0.0,
                         carbon_fraction: float = 0.0, carbon_thickness: float = 200.0,
                         contamination: int = 0, contamination_radius: tuple[float, float] = (150.0, 400.0),
-                        min_distance_factor: float = 2.1) -> tuple:
+                        min_distance_factor: float = 2.1, thickness_angstrom: float | None = None) -> tuple:
     from cistem_mpi.kernels.ctf import electron_wavelength
     from cistem_mpi.kernels.projection import extract_slices
     from scipy.ndimage import distance_transform_edt
@@ -616,7 +620,8 @@ def _physical_intensity(parts: "_Particles", rng: np.random.Generator, shape: tu
             fts[sel] = extract_slices(vft, rot[sel], image_size=pbox)
     img = physical_micrograph(fts, pos, dfo, shape, pixel_size, voltage, cs, amplitude_contrast,
                               df[0], df[1], df[2], pshift, ctf_bfactor, t, height, carbon, carbon_thickness,
-                              contam, rng)
+                              contam, rng, **({} if thickness_angstrom is None
+                                              else dict(thickness_angstrom=thickness_angstrom)))
     truth = {"classes": classes, "radius_angstrom": parts.radius_angstrom, "particle_df": dfo,
              "height": htilt, "z_in_ice": z, "carbon_mask": cmask, "contamination_mask": xmask,
              "reject_mask": reject, "ice_thickness": t, "tilt_axis": tilt_axis, "tilt_angle": tilt_angle,
@@ -641,7 +646,7 @@ def simulate_micrographs(out_dir: str | Path, n_micrographs: int = 2, shape: tup
                          carbon_fraction: float = 0.0, carbon_thickness: float = 200.0,
                          contamination: int = 0,
                          contamination_radius: tuple[float, float] = (150.0, 400.0),
-                         assembly_copies: int = 8) -> SimulatedMicrographs:
+                         assembly_copies: int = 8, thickness_angstrom: float | None = None) -> SimulatedMicrographs:
     """Micrographs (float32 MRC, electron counts) with particles at known positions.
 
     ``physics="simple"`` (default, the original model): intensity
@@ -673,6 +678,15 @@ def simulate_micrographs(out_dir: str | Path, n_micrographs: int = 2, shape: tup
     model; the particles keep ``2.1`` radii apart and away from carbon and
     contamination by a radius.
 
+    ``thickness_angstrom`` (default None: off) makes thick samples: the
+    ice is a slab of that thickness centred on the defocus plane, its
+    amorphous fluctuations in layers each through the CTF of its own height
+    (the CTF^2 averaged over the slab: Thon rings with nodes, the model
+    ctffind5 fits; :func:`cistem_mpi.kernels.simulate.slab_ctf_filter_ft`);
+    the realistic model's ice is then that thick (``ice_thickness`` is
+    replaced) and its particles sit at heights within it.  The truth
+    records it as ``thickness_angstrom``.
+
     Truth: ``<name>_NNNN_coords.txt`` (x y in pixels, origin at pixel 0,
     one particle per line, with its PSI THETA PHI), ``<name>_truth.json``
     with each micrograph's CTF and, realistic model, ``<name>_NNNN_truth.npz``
@@ -697,6 +711,8 @@ def simulate_micrographs(out_dir: str | Path, n_micrographs: int = 2, shape: tup
                 maps.append(assembly_map(max(1, assembly_copies // 2), pixel_size))
         parts = _Particles.from_maps(maps, pixel_size, volume_units, class_fraction)
         bf = 50.0 if ctf_bfactor is None else float(ctf_bfactor)
+        if thickness_angstrom is not None and thickness_angstrom > 0:
+            ice_thickness = float(thickness_angstrom)
         kw = dict(ctf_bfactor=bf, ice_thickness=ice_thickness, ice_gradient=ice_gradient,
                   ice_thickness_sigma=ice_thickness_sigma, tilt_axis=tilt_axis, tilt_angle=tilt_angle,
                   carbon_fraction=carbon_fraction, carbon_thickness=carbon_thickness,
@@ -715,11 +731,13 @@ def simulate_micrographs(out_dir: str | Path, n_micrographs: int = 2, shape: tup
             img, pos, rot, tr = _micrograph_intensity(parts, rng, shape, box, pixel_size, n_per_micrograph,
                                                       voltage, cs, amplitude_contrast, (df1[i], df2[i], ang[i]),
                                                       phase_shift, particle_contrast, ice_sigma, ice_phase_sigma,
-                                                      physics="realistic", **kw)
+                                                      physics="realistic", thickness_angstrom=thickness_angstrom,
+                                                      **kw)
         else:
             img, pos, rot = _micrograph_intensity(vft, rng, shape, box, pixel_size, n_per_micrograph, voltage,
                                                   cs, amplitude_contrast, (df1[i], df2[i], ang[i]), phase_shift,
-                                                  particle_contrast, ice_sigma, ice_phase_sigma)
+                                                  particle_contrast, ice_sigma, ice_phase_sigma,
+                                                  thickness_angstrom=thickness_angstrom)
             tr = None
         if det == "none":
             counts = rng.poisson(np.clip(img, 0, None) * exposure * pixel_size ** 2).astype(np.float32)
@@ -756,6 +774,8 @@ def simulate_micrographs(out_dir: str | Path, n_micrographs: int = 2, shape: tup
     info = {"what": "simulated micrographs (cistem-mpi simulate)", "physics": physics, "pixel_size": pixel_size,
             "voltage": voltage, "cs": cs, "amplitude_contrast": amplitude_contrast, "exposure_e_per_A2": exposure,
             "box": box, "seed": int(seed), "detector": det}
+    if thickness_angstrom is not None and thickness_angstrom > 0:
+        info["thickness_angstrom"] = float(thickness_angstrom)
     if realistic:
         info.update({"particle_radius_angstrom": parts.radius_angstrom.round(2).tolist(),
                      "class_fraction": parts.fraction.tolist(), "ice_thickness": ice_thickness,
@@ -942,6 +962,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--tilt-axis", type=float, default=0.0, help="specimen tilt axis from x, degrees (default 0)")
     m.add_argument("--tilt-angle", type=float, default=0.0, help="specimen tilt, degrees (default 0)")
     m.add_argument("--ice-thickness", type=float, default=300.0, help="mean ice thickness, Å (default 300)")
+    m.add_argument("--thickness", type=float, metavar="Å",
+                   help="thick sample: the ice is a slab of this many Å, the CTF integrated over its height "
+                        "(Thon-ring nodes, ctffind5's model; replaces --ice-thickness; default off)")
     m.add_argument("--ice-gradient", type=float, default=0.0,
                    help="ice-thickness change across the image, Å (default 0)")
     m.add_argument("--carbon-fraction", type=float, default=0.0,
@@ -966,6 +989,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--no-damage", action="store_true", help="no radiation damage between frames")
     v.add_argument("--local-motion", type=float, default=0.0, metavar="PX",
                    help="add a smooth local deformation of at most PX pixels on top of the drift (default 0)")
+    v.add_argument("--particles-per-movie", type=int, default=20,
+                   help="particles placed on each movie (default 20; fewer when they do not fit)")
+    v.add_argument("--particle-contrast", type=float, default=0.15,
+                   help="projected peak of a particle, weak-phase units (default 0.15; higher = higher SNR)")
     v.set_defaults(func=run)
 
 
@@ -975,7 +1002,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--box", "box must be at least 8 pixels")
     if not args.pixel_size > 0:
         raise InputError("--pixel-size", "pixel size must be positive")
-    for option in ("n_particles", "n_micrographs", "n_movies", "frames", "particles_per_micrograph"):
+    for option in ("n_particles", "n_micrographs", "n_movies", "frames", "particles_per_micrograph",
+                   "particles_per_movie"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
             name = {"n_particles": "-n/--n-particles", "n_micrographs": "-n/--n-micrographs",
@@ -1032,6 +1060,10 @@ def run(args: argparse.Namespace) -> int:
                          assembly_copies=args.assembly_copies, detector=args.detector)
             if not (args.map or args.model):
                 vol = None  # the built-in assembly (8ZPM alone is ~45 kDa, too small to see)
+        if args.thickness is not None:
+            if not (args.thickness > 0 and np.isfinite(args.thickness)):
+                raise InputError("--thickness", f"must be a positive number of Å, got {args.thickness}")
+            extra["thickness_angstrom"] = float(args.thickness)
         r = simulate_micrographs(args.out, args.n_micrographs, tuple(args.size), args.particles_per_micrograph,
                                  args.box, args.pixel_size, args.exposure, args.seed, vol, **ctf, **extra)
         print(f"wrote {len(r.micrographs)} micrographs, coordinates and {r.truth}")
@@ -1039,7 +1071,8 @@ def run(args: argparse.Namespace) -> int:
         r = simulate_movies(args.out, args.n_movies, tuple(args.size), args.frames, args.exposure_per_frame,
                             args.pixel_size, args.box, seed=args.seed, formats=tuple(args.formats),
                             drift_total_px=args.drift, damage=not args.no_damage, volume=vol,
-                            local_motion_px=args.local_motion, **ctf)
+                            local_motion_px=args.local_motion, n_per_micrograph=args.particles_per_movie,
+                            particle_contrast=args.particle_contrast, **ctf)
         n = sum(len(v) for v in r.movies.values())
         print(f"wrote {n} movie files ({', '.join(r.movies)}), gain {r.gain}, truth {r.truth}")
     return 0

@@ -82,8 +82,11 @@ def write_ctffind_txt(path: str | os.PathLike, input_file: str, values: Sequence
 
 def write_ctffind_avrot(path: str | os.PathLike, input_file: str, rows: Sequence[np.ndarray], *, pixel_size: float,
                         voltage: float, cs: float, amplitude_contrast: float, box: int, min_res: float,
-                        max_res: float, min_def: float, max_def: float) -> None:
+                        max_res: float, min_def: float, max_def: float, frames_averaged: int = 1) -> None:
     """Write ctffind's ``_avrot.txt``: six rows of numbers (see the module docstring).
+
+    ``frames_averaged``: the header's "num. frames averaged" (frames per sum
+    when the spectrum came from a movie's frames, else 1).
 
     >>> import tempfile; p = Path(tempfile.mkdtemp()) / "a_avrot.txt"
     >>> write_ctffind_avrot(p, "m.mrc", [np.arange(3.0)] * 6, pixel_size=1, voltage=300, cs=2.7,
@@ -94,7 +97,7 @@ def write_ctffind_avrot(path: str | os.PathLike, input_file: str, rows: Sequence
     if len(rows) != 6:
         raise ValueError("an _avrot file has 6 rows")
     lines = _header(input_file, pixel_size, voltage, cs, amplitude_contrast, box, min_res, max_res, min_def, max_def,
-                    "; num. frames averaged: 1")
+                    f"; num. frames averaged: {int(frames_averaged)}")
     lines.append("# 6 lines per micrograph: #1 - spatial frequency (1/Angstroms); #2 - 1D rotational average of "
                  "spectrum (assuming no astigmatism); #3 - 1D rotational average of spectrum; #4 - CTF fit; "
                  "#5 - cross-correlation between spectrum and CTF fit; #6 - 2sigma of expected cross correlation "
@@ -190,10 +193,15 @@ def save_ctf_diagnostic_png(path: str | os.PathLike, picture: np.ndarray, freque
 
 
 def save_ctf_summary_png(path: str | os.PathLike, defocus: np.ndarray, fit_resolution: np.ndarray,
-                         title: str = "") -> None:
-    """Histograms of mean defocus (µm) and fit resolution (Å) of a job's images."""
+                         title: str = "", thickness: np.ndarray | None = None) -> None:
+    """Histograms of mean defocus (µm) and fit resolution (Å) of a job's images (and thickness, Å, when given)."""
     plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=90)
+    if thickness is not None:
+        fig, (a, b, c) = plt.subplots(1, 3, figsize=(11.5, 3.2), dpi=90)
+        c.hist(np.asarray(thickness, np.float64), bins=20, color="tab:green")
+        c.set_xlabel("sample thickness (Å)")
+    else:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=90)
     a.hist(np.asarray(defocus) / 1e4, bins=20, color="tab:blue")
     a.set_xlabel("mean defocus (µm)")
     a.set_ylabel("images")

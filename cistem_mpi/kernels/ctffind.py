@@ -38,7 +38,15 @@ The steps follow ctffind (``src/programs/ctffind/ctffind.cpp`` and
    that never passes 0.5 raises ``ValueError`` (the job skips the image).
 9. **Tilt** (optional, ``tilt=True``): the mean defocus of 3 x 3
    half-overlapping regions, fitted by a plane (:func:`estimate_tilt`).
-   Sample thickness (ctffind5's node model) is not estimated.
+10. **Thickness** (optional, ``thickness=True``): ctffind5's node model
+   (:func:`slab_power`, McMullan et al. 2015: the CTF^2 averaged over a
+   slab of thickness t, ``0.5 (1 - sinc(pi lambda g^2 t) cos 2 chi)``),
+   fitted after the defocus by a 1D brute-force search over thickness and
+   defocus, then a 2D refinement of DF1, DF2, ANGAST and t
+   (:func:`estimate_thickness`), 30–3 Å.
+11. **Frames** (optional): the spectrum can be the average over sums of
+   a few aligned frames (:func:`frame_group_spectrum`) instead of the
+   image's (``raw_spectrum``).
 
 Every CTF value comes from :func:`cistem_mpi.kernels.ctf.ctf_phase`
 (cisTEM's formula).  Its phase is linear in mean defocus, the two
@@ -68,6 +76,8 @@ __all__ = [
     "phase_basis", "score_1d", "search_1d", "score_2d", "refine_2d", "equiphase_average",
     "renormalise_for_frc", "frc_with_fit", "fit_resolution_bin", "aliasing_bin", "number_of_extrema",
     "diagnostic_spectrum", "estimate_ctf", "estimate_tilt", "good_fft_size",
+    "slab_power", "first_node_thickness", "score_thickness_1d", "search_thickness_1d", "refine_thickness_2d",
+    "estimate_thickness", "frame_group_spectrum",
 ]
 
 
@@ -92,6 +102,16 @@ class CtffindOptions:
         Fit at about ``target_pixel_size`` when the pixel is smaller.
     tilt : bool
         Also estimate the specimen tilt (:func:`estimate_tilt`; off by default).
+    thickness : bool
+        Also estimate the sample thickness from the Thon-ring nodes
+        (:func:`estimate_thickness`, ctffind5's model; off by default).
+    thickness_min_resolution, thickness_max_resolution : float
+        Fitting range of the thickness fit, Å (ctffind5: 30 and 3; the high
+        end is held inside 2.1 fitting pixels).
+    min_thickness, max_thickness, thickness_step : float
+        1D search range and step of the thickness, Å (ctffind5: 500–4000 in 10).
+    thickness_2d : bool
+        Refine DF1, DF2, ANGAST and thickness against the 2D spectrum after the 1D search (ctffind5's default).
     tile_overlap : float or None
         Fraction of overlap between tiles; None: 0.5 when fewer than 9
         tiles fit side by side, else 0 (the FFTs dominate the cost, and
@@ -113,6 +133,13 @@ class CtffindOptions:
     target_pixel_size: float = 1.4
     tile_overlap: float | None = None
     tilt: bool = False
+    thickness: bool = False
+    thickness_min_resolution: float = 30.0
+    thickness_max_resolution: float = 3.0
+    min_thickness: float = 500.0
+    max_thickness: float = 4000.0
+    thickness_step: float = 10.0
+    thickness_2d: bool = True
 
 
 @dataclass
@@ -135,7 +162,13 @@ class CtffindResult:
         The background-subtracted spectrum (box x box, centred), float32.
     frequency, avrot_no_astig, avrot, fit, frc, frc_sigma : ndarray
         The 1D profiles of ctffind's ``_avrot`` file (1/Å; rotational
-        average; equiphase average; |CTF| fit; FRC; 2 sigma of noise).
+        average; equiphase average; |CTF| fit (the slab power with the
+        thickness fit); FRC; 2 sigma of noise).
+    tilt_axis, tilt_angle : float
+        Degrees (NaN unless ``tilt``).
+    thickness : float
+        Sample thickness, Å (NaN unless ``thickness``; the lower bound,
+        400 Å, when no node lies in the fitting range).
     """
 
     df1: float
@@ -637,6 +670,7 @@ class _Scorer2D:
         half = (gx > 0) | ((gx == 0) & (gy > 0))
         sel = half & (g2 > low_freq ** 2) & (g2 < high_freq ** 2)
         self.values = np.asarray(spectrum, np.float64)[sel]
+        self.g2 = np.ascontiguousarray(g2[sel])
         self.n = int(self.values.size)
         if self.n < 10:
             raise ValueError("too few spectrum pixels inside the fitting range")
@@ -651,6 +685,7 @@ class _Scorer2D:
         """Every ``stride``-th pixel (a cheaper score for coarse grids)."""
         out = object.__new__(_Scorer2D)
         out.values = np.ascontiguousarray(self.values[::stride])
+        out.g2 = np.ascontiguousarray(self.g2[::stride])
         out.basis = tuple(np.ascontiguousarray(b[::stride]) for b in self.basis)
         out.n = int(out.values.size)
         out._stats()
@@ -871,13 +906,14 @@ def renormalise_for_frc(average: np.ndarray, fit: np.ndarray, extrema: np.ndarra
 
 
 def frc_with_fit(average: np.ndarray, fit: np.ndarray, extrema: np.ndarray,
-                 first_fit_bin: int) -> tuple[np.ndarray, np.ndarray]:
+                 first_fit_bin: int, window_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Windowed correlation of a 1D spectrum with the fit (ctffind's ``ComputeFRCBetween1DSpectrumAndFit``).
 
     The half-width of the window around a bin grows with the distance
     between CTF extrema there (``(1 + 0.1 n_extrema) * spacing``, at least
-    ``n_bins / 40``).  Returns ``(frc, 2 sigma of noise)``; bins before
-    ``first_fit_bin`` have FRC 1.
+    ``n_bins / 40``), times ``window_scale`` (ctffind5 widens it 1.5 times
+    with its thickness model, to bridge the nodes).  Returns ``(frc, 2 sigma
+    of noise)``; bins before ``first_fit_bin`` have FRC 1.
 
     >>> x = np.abs(np.sin(np.arange(200) / 6.0))
     >>> frc, sig = frc_with_fit(x, x, np.floor(np.arange(200) / 6.0 / np.pi + 0.5), 10)
@@ -899,6 +935,8 @@ def frc_with_fit(average: np.ndarray, fit: np.ndarray, extrema: np.ndarray,
     hw[0] = hw[1] if nb > 1 else hw[0]
     if prev > 0:
         hw[prev:] = hw[prev - 1]
+    if window_scale != 1.0:
+        hw = np.minimum((hw * float(window_scale)).astype(np.int64), nb // 2 - 1)
     frc = np.ones(nb)
     sigma = np.zeros(nb)
     for b in range(first_fit_bin, nb):
@@ -1072,7 +1110,7 @@ def _fitted_pixel_count(n: int, pixel_size: float, low_freq: float, high_freq: f
 
 
 def estimate_ctf(image: np.ndarray, pixel_size: float, voltage: float, cs: float, amplitude_contrast: float,
-                 opts: CtffindOptions = CtffindOptions()) -> CtffindResult:
+                 opts: CtffindOptions = CtffindOptions(), raw_spectrum: np.ndarray | None = None) -> CtffindResult:
     """Fit the CTF of one image (see the module docstring for the steps).
 
     Parameters
@@ -1081,6 +1119,10 @@ def estimate_ctf(image: np.ndarray, pixel_size: float, voltage: float, cs: float
     pixel_size : Å per pixel
     voltage : kV; cs : mm; amplitude_contrast : 0..1
     opts : search settings
+    raw_spectrum : optional (box, box) amplitude spectrum to fit instead of
+        the image's tile average (e.g. :func:`frame_group_spectrum` of the
+        movie's frames, cut at :func:`fitting_geometry`); the image still
+        gives the tilt regions
 
     Returns
     -------
@@ -1108,7 +1150,12 @@ def estimate_ctf(image: np.ndarray, pixel_size: float, voltage: float, cs: float
     overlap = opts.tile_overlap
     if overlap is None:
         overlap = 0.5 if (img.shape[0] // tile) * (img.shape[1] // tile) < 9 else 0.0
-    raw = average_amplitude_spectrum(img, tile, opts.box, overlap)
+    if raw_spectrum is None:
+        raw = average_amplitude_spectrum(img, tile, opts.box, overlap)
+    else:
+        raw = np.asarray(raw_spectrum, np.float32)
+        if raw.shape != (opts.box, opts.box):
+            raise ValueError(f"raw_spectrum is {raw.shape}, not the box {opts.box}")
     spec = filter_spectrum(raw, pf, opts.min_resolution)
     n = spec.shape[0]
     low_f, high_f = 1.0 / opts.min_resolution, 1.0 / opts.max_resolution
@@ -1144,6 +1191,8 @@ def estimate_ctf(image: np.ndarray, pixel_size: float, voltage: float, cs: float
         fit_resolution=fit_res, aliasing_resolution=alias_res, pixel_size_for_fitting=float(pf), spectrum=spec,
         frequency=freq, avrot_no_astig=_scale_to_fit(avrot0, fit, sel), avrot=_scale_to_fit(epa, fit, sel),
         fit=fit, frc=frc, frc_sigma=sig)
+    if opts.thickness:
+        result = estimate_thickness(spec, pf, voltage, cs, amplitude_contrast, result, opts)
     if opts.tilt:
         result.tilt_axis, result.tilt_angle = estimate_tilt(img, pixel_size, voltage, cs, amplitude_contrast,
                                                             result, opts)
@@ -1207,3 +1256,350 @@ def estimate_tilt(image: np.ndarray, pixel_size: float, voltage: float, cs: floa
     angle = math.degrees(math.atan(math.hypot(gx, gy)))
     axis = math.degrees(math.atan2(-gx, gy)) % 360.0 if angle > 0 else 0.0
     return float(axis), float(angle)
+
+
+# --------------------------------------------------------------------------- sample thickness (ctffind5)
+
+
+def slab_power(g2: np.ndarray, chi: np.ndarray, thickness: float, voltage: float,
+               bfactor: float = 0.0) -> np.ndarray:
+    """CTF^2 averaged over defocus across a slab: ``0.5 (1 - E sinc(pi lambda g^2 t) cos 2 chi)``.
+
+    ``sinc(x) = sin(x) / x``; McMullan et al. (2015), the model ctffind5
+    fits (cisTEM's ``CTF::EvaluatePowerspectrumWithThickness``).  ``chi`` is
+    the phase at the slab's centre (:func:`cistem_mpi.kernels.ctf.ctf_phase`);
+    ``t = 0`` gives ``sin^2 chi``.  Nodes (no Thon rings) where
+    ``lambda g^2 t`` is a whole number; past an odd node the rings are inverted.
+    ``E = exp(-bfactor g^2 / 4)`` (1 by default, ctffind5's model) damps the
+    rings' modulation: our addition, so that the decay of real rings with
+    frequency (envelope, detector) is not read as thickness.
+
+    >>> g2 = np.array([0.0, 0.01, 0.02])
+    >>> bool(np.allclose(slab_power(g2, np.array([0.3, 1.0, 2.0]), 0.0, 300.0), np.sin([0.3, 1.0, 2.0]) ** 2))
+    True
+    """
+    from cistem_mpi.kernels.ctf import electron_wavelength
+
+    g2 = np.asarray(g2, np.float64)
+    x = np.pi * electron_wavelength(voltage) * g2 * float(thickness)
+    s = np.sinc(x / np.pi) * np.exp(-0.25 * float(bfactor) * g2)  # numpy's sinc is sin(pi x) / (pi x)
+    return 0.5 * (1.0 - s * np.cos(2.0 * np.asarray(chi, np.float64)))
+
+
+def first_node_thickness(frequency: float, voltage: float) -> float:
+    """Thickness (Å) whose first node is at ``frequency`` (1/Å): ``1 / (lambda g^2)`` (ctffind5's first guess).
+
+    >>> round(first_node_thickness(1 / 5.0, 300.0))
+    1270
+    """
+    from cistem_mpi.kernels.ctf import electron_wavelength
+
+    return float(1.0 / (electron_wavelength(voltage) * frequency * frequency))
+
+
+@njit(cache=True)
+def _score_slab_grid(curve, chi0, a, sinc_table, defoci):
+    # Pearson correlation of the curve with 0.5 (1 - sinc cos 2 chi) for every (defocus, thickness)
+    nb = curve.shape[0]
+    nt = sinc_table.shape[0]
+    nd = defoci.shape[0]
+    out = np.empty((nd, nt), dtype=np.float64)
+    sx = 0.0
+    sxx = 0.0
+    for k in range(nb):
+        sx += curve[k]
+        sxx += curve[k] * curve[k]
+    vx = sxx - sx * sx / nb
+    c2 = np.empty(nb)
+    for i in range(nd):
+        for k in range(nb):
+            c2[k] = math.cos(2.0 * (chi0[k] + defoci[i] * a[k]))
+        for j in range(nt):
+            sy = 0.0
+            syy = 0.0
+            sxy = 0.0
+            for k in range(nb):
+                y = 0.5 * (1.0 - sinc_table[j, k] * c2[k])
+                sy += y
+                syy += y * y
+                sxy += curve[k] * y
+            vy = syy - sy * sy / nb
+            den = vx * vy
+            out[i, j] = (sxy - sx * sy / nb) / math.sqrt(den) if den > 0.0 else 0.0
+    return out
+
+
+def _sinc_table(g2: np.ndarray, thicknesses: np.ndarray, voltage: float, bfactors: np.ndarray) -> np.ndarray:
+    """(len(bfactors) * len(thicknesses), bins): exp(-B g^2 / 4) sinc(pi lambda g^2 t), B slowest."""
+    from cistem_mpi.kernels.ctf import electron_wavelength
+
+    g2 = np.asarray(g2, np.float64)
+    x = np.pi * electron_wavelength(voltage) * np.asarray(thicknesses, np.float64)[:, None] * g2[None, :]
+    env = np.exp(-0.25 * np.asarray(bfactors, np.float64)[:, None] * g2[None, :])
+    return (env[:, None, :] * np.sinc(x / np.pi)[None, :, :]).reshape(-1, g2.size)
+
+
+def score_thickness_1d(curve: np.ndarray, frequency: np.ndarray, voltage: float, cs: float,
+                       amplitude_contrast: float, defoci: np.ndarray, thicknesses: np.ndarray, pshift: float,
+                       low_freq: float, high_freq: float, bfactors: np.ndarray = (0.0,)) -> np.ndarray:
+    """Correlation of a 1D spectrum with :func:`slab_power` for every (defocus, B, thickness).
+
+    Pearson correlation over the bins with ``low_freq < f < high_freq``
+    (the spectrum's background and scale do not matter).
+
+    Returns
+    -------
+    ndarray (len(defoci), len(bfactors), len(thicknesses))
+
+    >>> f = np.arange(300) / 900.0
+    >>> chi = ctf_phase(f * f, 0 * f, 300, 2.7, 0.07, 15000, 15000, 0)
+    >>> c = slab_power(f * f, chi, 2000.0, 300.0)
+    >>> s = score_thickness_1d(c, f, 300, 2.7, 0.07, np.array([15000.]), np.array([1000., 2000.]), 0, 1 / 30, 1 / 3.2)
+    >>> bool(s[0, 0, 1] > 0.999 > s[0, 0, 0])
+    True
+    """
+    f = np.asarray(frequency, dtype=np.float64)
+    sel = (f * f > low_freq ** 2) & (f * f < high_freq ** 2)
+    g2 = f[sel] ** 2
+    base, a, _, _ = phase_basis(g2, np.zeros_like(g2), voltage, cs, amplitude_contrast)
+    thick = np.atleast_1d(np.asarray(thicknesses, np.float64))
+    bf = np.atleast_1d(np.asarray(bfactors, np.float64))
+    out = _score_slab_grid(np.asarray(curve, np.float64)[sel], base + float(pshift), a,
+                           _sinc_table(g2, thick, voltage, bf), np.atleast_1d(np.asarray(defoci, np.float64)))
+    return out.reshape(out.shape[0], bf.size, thick.size)
+
+
+def _detrend(curve: np.ndarray, freq: np.ndarray, sel: np.ndarray, degree: int = 3) -> np.ndarray:
+    """The curve minus a cubic fitted in the fitting range (ctffind5 lines the spectrum up with its model so)."""
+    c = np.asarray(curve, np.float64)
+    if sel.sum() <= degree + 1:
+        return c
+    x = freq[sel]
+    coef = np.polynomial.polynomial.polyfit(x, c[sel], degree)
+    return c - np.polynomial.polynomial.polyval(freq, coef)
+
+
+def search_thickness_1d(curve: np.ndarray, frequency: np.ndarray, voltage: float, cs: float,
+                        amplitude_contrast: float, defocus: float, pshift: float, opts: CtffindOptions,
+                        low_freq: float, high_freq: float) -> tuple[float, float, float, float]:
+    """ctffind5's 1D brute-force search: ``(thickness, defocus, bfactor, score)``.
+
+    Thickness ``opts.min_thickness`` .. ``opts.max_thickness`` in
+    ``opts.thickness_step`` Å steps and the defocus within +-1000 Å of
+    ``defocus`` in 20 Å steps, against the (detrended) equiphase average;
+    also the ring envelope B over :data:`THICKNESS_BFACTORS` (not in ctffind5).
+
+    >>> f = np.arange(300) / 900.0
+    >>> c = slab_power(f * f, ctf_phase(f * f, 0 * f, 300, 2.7, 0.07, 15100, 15100, 0), 1800.0, 300.0)
+    >>> t, d, b, s = search_thickness_1d(c, f, 300, 2.7, 0.07, 15000, 0, CtffindOptions(), 1 / 30, 1 / 3.2)
+    >>> abs(t - 1800) <= 30 and abs(d - 15100) <= 20
+    True
+    """
+    f = np.asarray(frequency, dtype=np.float64)
+    sel = (f * f > low_freq ** 2) & (f * f < high_freq ** 2)
+    if sel.sum() < 8:
+        raise ValueError("fewer than 8 spectrum bins inside the thickness fitting range")
+    c = _detrend(curve, f, sel)
+    thick = np.arange(opts.min_thickness, opts.max_thickness + 0.5 * opts.thickness_step, opts.thickness_step)
+    defoci = defocus + np.arange(-1000.0, 1000.0 + 1e-6, 20.0)
+    defoci = defoci[defoci > 0]
+    bf = np.asarray(THICKNESS_BFACTORS, np.float64)
+    grid = score_thickness_1d(c, f, voltage, cs, amplitude_contrast, defoci, thick, pshift, low_freq, high_freq, bf)
+    i, k, j = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    return float(thick[j]), float(defoci[i]), float(bf[k]), float(grid[i, k, j])
+
+
+#: Envelopes (Å^2) of the rings tried by the 1D thickness search.
+THICKNESS_BFACTORS = (0.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 100.0, 130.0, 160.0, 200.0, 250.0, 300.0, 400.0)
+
+
+@njit(cache=True, fastmath=True)
+def _ncc_2d_slab(values, base, a, ac, as_, g2, m, dx, dy, p, tk, qb, norm_s, mean_s):
+    n = values.shape[0]
+    cross = 0.0
+    nctf = 0.0
+    sctf = 0.0
+    for i in range(n):
+        chi = base[i] + m * a[i] + dx * ac[i] + dy * as_[i] + p
+        x = tk * g2[i]
+        s = math.sin(x) / x if x > 1e-8 else 1.0
+        v = 0.5 * (1.0 - s * math.exp(-qb * g2[i]) * math.cos(2.0 * chi))
+        cross += values[i] * v
+        nctf += v * v
+        sctf += v
+    den = norm_s * (nctf - sctf * sctf / n)
+    if den <= 0.0:
+        return 0.0
+    return (cross - mean_s * sctf) / math.sqrt(den)
+
+
+def refine_thickness_2d(spectrum: np.ndarray, pixel_size: float, voltage: float, cs: float,
+                        amplitude_contrast: float, df1: float, df2: float, angast: float, pshift: float,
+                        thickness: float, opts: CtffindOptions, low_freq: float,
+                        high_freq: float, bfactor: float = 0.0) -> tuple[float, float, float, float, float, float]:
+    """2D refinement of DF1, DF2, ANGAST, thickness (and B) with :func:`slab_power`: ``(df1, df2, angast, t, B, score)``.
+
+    Normalised cross-correlation with the 2D spectrum (as :func:`score_2d`),
+    Nelder–Mead from the 1D result (ctffind5 refines DF1, DF2, ANGAST and t
+    by conjugate gradients; we also refine the envelope B, held >= 0); the
+    thickness is held in [400, 50000] Å as ctffind5 does.
+
+    >>> from cistem_mpi.kernels.ctf import ctf_2d
+    >>> n, px = 256, 1.5
+    >>> k = (np.arange(n) - n // 2) / (n * px); gy, gx = np.meshgrid(k, k, indexing="ij")
+    >>> chi = ctf_phase(gx ** 2 + gy ** 2, np.arctan2(gy, gx), 300, 2.7, 0.07, 15300, 14700, 30)
+    >>> s = slab_power(gx ** 2 + gy ** 2, chi, 2000.0, 300.0)
+    >>> r = refine_thickness_2d(s, px, 300, 2.7, 0.07, 15250, 14750, 28, 0, 1900, CtffindOptions(), 1 / 30, 1 / 3.2)
+    >>> abs(r[0] - 15300) < 20 and abs(r[1] - 14700) < 20 and abs(r[3] - 2000) < 30
+    True
+    """
+    from scipy.optimize import minimize
+
+    from cistem_mpi.kernels.ctf import electron_wavelength
+
+    sc = _Scorer2D(spectrum, pixel_size, voltage, cs, amplitude_contrast, low_freq, high_freq)
+    pil = math.pi * electron_wavelength(voltage)
+
+    def score(m, dx, dy, t, b):
+        t = min(max(t, 400.0), 50000.0)
+        return _ncc_2d_slab(sc.values, *sc.basis, sc.g2, float(m), float(dx), float(dy), float(pshift),
+                            pil * t, 0.25 * max(b, 0.0), sc.norm, sc.mean)
+
+    m0, dx0, dy0 = _params_to_linear(df1, df2, angast)
+    x0 = np.array([m0, dx0, dy0, thickness, bfactor])
+    steps = np.array([50.0, 50.0, 50.0, 100.0, 20.0])
+
+    def fun(x):
+        return -score(*x)
+
+    res = minimize(fun, x0, method="Nelder-Mead",
+                   options=dict(initial_simplex=np.vstack([x0, x0 + np.diag(steps)]), xatol=0.5, fatol=1e-10,
+                                maxiter=2000))
+    res = minimize(fun, res.x, method="Nelder-Mead",
+                   options=dict(initial_simplex=np.vstack([res.x, res.x + np.diag(0.5 * steps)]), xatol=0.5,
+                                fatol=1e-10, maxiter=2000))
+    x = res.x
+    d1, d2, ang = _linear_to_params(x[0], x[1], x[2])
+    return d1, d2, ang, float(min(max(x[3], 400.0), 50000.0)), float(max(x[4], 0.0)), float(-res.fun)
+
+
+def estimate_thickness(spectrum: np.ndarray, pixel_size: float, voltage: float, cs: float,
+                       amplitude_contrast: float, fit: CtffindResult,
+                       opts: CtffindOptions = CtffindOptions()) -> CtffindResult:
+    """Sample thickness from the Thon-ring nodes, after the defocus fit (ctffind5's steps).
+
+    1. The equiphase average of the spectrum (with ``fit``'s CTF), detrended
+       by a cubic, against :func:`slab_power` by a brute-force search over
+       thickness and mean defocus (:func:`search_thickness_1d`);
+    2. with ``opts.thickness_2d``, DF1, DF2, ANGAST and thickness refined
+       against the 2D spectrum (:func:`refine_thickness_2d`);
+    3. the fit resolution again from the FRC of the equiphase average with
+       the slab model (window 1.5 times wider, as ctffind5).
+
+    The fitting range is ``opts.thickness_min_resolution`` ..
+    ``opts.thickness_max_resolution`` (held inside 2.1 fitting pixels).
+
+    Returns
+    -------
+    CtffindResult
+        A copy of ``fit`` with the new DF1, DF2, ANGAST, ``thickness`` (Å),
+        fit resolution and 1D profiles (``fit`` is then the slab power
+        ``0.5 (1 - sinc cos 2 chi)``); score, PSHIFT and aliasing are kept.
+
+    >>> # see tests/test_ctffind_thickness.py
+    """
+    import dataclasses
+
+    n = spectrum.shape[0]
+    pf = float(pixel_size)
+    nb = int(math.ceil(n / math.sqrt(2.0)))
+    freq = np.arange(nb) / (n * pf)
+    low_f = 1.0 / opts.thickness_min_resolution
+    high_f = min(1.0 / opts.thickness_max_resolution, 1.0 / (2.1 * pf))
+    epa = equiphase_average(spectrum, pf, voltage, cs, amplitude_contrast, fit.df1, fit.df2, fit.angast,
+                            fit.pshift, nb)
+    mean = 0.5 * (fit.df1 + fit.df2)
+    t, m, b, _ = search_thickness_1d(epa, freq, voltage, cs, amplitude_contrast, mean, fit.pshift, opts, low_f,
+                                     high_f)
+    df1, df2, ang = fit.df1 + (m - mean), fit.df2 + (m - mean), fit.angast
+    if opts.thickness_2d:
+        df1, df2, ang, t, b, _ = refine_thickness_2d(spectrum, pf, voltage, cs, amplitude_contrast, df1, df2, ang,
+                                                     fit.pshift, t, opts, low_f, high_f, b)
+    g2 = freq * freq
+    mean = 0.5 * (df1 + df2)
+    chi = ctf_phase(g2, np.zeros(nb), voltage, cs, amplitude_contrast, mean, mean, 0.0, fit.pshift)
+    model = slab_power(g2, chi, t, voltage, b)
+    c0, c1, c2 = _chi_1d_coefficients(voltage, cs, amplitude_contrast, mean, fit.pshift)
+    g2_ext = -c1 / (2 * c2) if c2 < 0 else np.inf
+    chi_ext = c0 + c1 * g2_ext + c2 * g2_ext ** 2 if np.isfinite(g2_ext) else np.inf
+    ext = number_of_extrema(chi, g2, g2_ext, chi_ext)
+    epa = equiphase_average(spectrum, pf, voltage, cs, amplitude_contrast, df1, df2, ang, fit.pshift, nb)
+    avrot0 = rotational_average(spectrum, nb)
+    low_fit = 1.0 / opts.min_resolution
+    first_fit = int(np.searchsorted(freq, low_fit))
+    frc, sig = frc_with_fit(renormalise_for_frc(epa, model, ext), model, ext, first_fit, window_scale=1.5)
+    last = fit_resolution_bin(frc)
+    fit_res = float(1.0 / freq[max(last - 1, 1)]) if last > 1 else fit.fit_resolution
+    sel = (freq > low_fit) & (freq < high_f)
+    return dataclasses.replace(fit, df1=float(df1), df2=float(df2), angast=float(ang), thickness=float(t),
+                               fit_resolution=fit_res, avrot_no_astig=_scale_to_fit(avrot0, model, sel),
+                               avrot=_scale_to_fit(epa, model, sel), fit=model, frc=frc, frc_sigma=sig)
+
+
+def frame_group_spectrum(frames, shifts: np.ndarray, group: int, tile: int, box: int | None = None,
+                         overlap: float = 0.5) -> np.ndarray:
+    """Average amplitude spectrum of sums of ``group`` consecutive aligned frames (cisTEM fits 3-frame averages).
+
+    Each frame is moved by its shift (``shifts[i] = (x, y)`` pixels, the
+    align-movies convention: the shift that aligns it), ``group``
+    consecutive frames are summed, and the tile-averaged amplitude spectra
+    of the sums (:func:`average_amplitude_spectrum`) are averaged; the last
+    ``n mod group`` frames join the last sum (every sum has at least
+    ``group`` frames).  Shifts between sums do not matter: a spectrum does
+    not see a shift.
+
+    Parameters
+    ----------
+    frames : iterable of 2D arrays (gain-corrected frames, in order)
+    shifts : ndarray (n_frames, 2)
+    group : frames per sum (>= 1)
+    tile, box, overlap : as :func:`average_amplitude_spectrum`
+
+    Returns
+    -------
+    ndarray (box, box), float32, centred
+
+    >>> rng = np.random.default_rng(0)
+    >>> fr = [rng.poisson(2.0, (64, 64)).astype(np.float32) for _ in range(7)]
+    >>> frame_group_spectrum(fr, np.zeros((7, 2)), 3, 32).shape
+    (32, 32)
+    """
+    from cistem_mpi.kernels.motion import phase_shift_half
+
+    shifts = np.asarray(shifts, np.float64)
+    n = shifts.shape[0]
+    group = max(1, int(group))
+    n_groups = max(1, n // group)
+    total = None
+    acc = None
+    count = 0
+    done = 0
+    for i, frame in enumerate(frames):
+        if i >= n:
+            raise ValueError(f"more frames than the {n} shifts")
+        f = np.asarray(frame, np.float32)
+        ny, nx = f.shape
+        ft = _fft.rfftn(f)
+        ft = phase_shift_half(ft, ny, nx, float(shifts[i, 0]), float(shifts[i, 1]), out=ft)
+        acc = ft if acc is None else acc + ft
+        count += 1
+        last_group = done == n_groups - 1
+        if (not last_group and count == group) or (last_group and i == n - 1):
+            img = _fft.irfftn(acc, nx).astype(np.float32)
+            s = average_amplitude_spectrum(img, tile, box, overlap).astype(np.float64)
+            total = s if total is None else total + s
+            done += 1
+            acc, count = None, 0
+    if total is None or done != n_groups:
+        raise ValueError(f"{n} shifts but the frames ended early")
+    return (total / done).astype(np.float32)

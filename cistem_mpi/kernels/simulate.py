@@ -33,7 +33,7 @@ __all__ = [
     "interaction_constant", "inelastic_mfp", "solvent_excluded_potential", "amorphous_structure_factor",
     "amorphous_potential_noise", "detector_mtf", "apply_detector", "ctf_filter_by_height", "specimen_height",
     "height_at", "ice_thickness_map", "carbon_mask", "contamination_thickness", "physical_micrograph",
-    "SCATTERING_TO_VOLTS", "ICE_MEAN_POTENTIAL", "CARBON_MEAN_POTENTIAL",
+    "SCATTERING_TO_VOLTS", "ICE_MEAN_POTENTIAL", "CARBON_MEAN_POTENTIAL", "slab_layers", "slab_ctf_filter_ft",
 ]
 
 
@@ -312,7 +312,9 @@ def compose_micrograph(projections: np.ndarray, positions: np.ndarray, shape: tu
                        pixel_size: float, voltage: float, cs: float, amplitude_contrast: float,
                        df1: float, df2: float, angast: float, pshift: float = 0.0,
                        contrast: float = 1.0, phase_noise: np.ndarray | None = None,
-                       background: np.ndarray | None = None, bfactor: float = 0.0) -> np.ndarray:
+                       background: np.ndarray | None = None, bfactor: float = 0.0,
+                       thickness_angstrom: float | None = None,
+                       rng: np.random.Generator | None = None) -> np.ndarray:
     """Noise-free micrograph intensity with particles at ``positions``.
 
     Each projection (N x N, centre N//2) is placed so its centre lands on
@@ -323,19 +325,92 @@ def compose_micrograph(projections: np.ndarray, positions: np.ndarray, shape: tu
     ``background`` (ice-thickness variations, which attenuate the beam:
     amplitude, not phase contrast) is added to the intensity:
     ``I = 1 + contrast * (CTF (x) potential) + background`` (float32).
+
+    ``thickness_angstrom`` (default None: a thin specimen) spreads the
+    ``phase_noise`` (the ice) over a slab of that thickness centred on the
+    defocus plane: :func:`slab_layers` independent layers of equal power,
+    each through the CTF of its own height, summed (``rng`` required).
+    Their power spectrum is the CTF^2 averaged over defocus across the slab,
+    ``0.5 (1 - sinc(pi lambda g^2 t) cos 2 chi)`` (McMullan et al. 2015, the
+    model ctffind5 fits).  The particles stay at the defocus plane.
     """
     ny, nx = shape
     pot = paste_images(projections, positions, shape)
-    if phase_noise is not None:
+    thick = thickness_angstrom is not None and thickness_angstrom > 0 and phase_noise is not None
+    if phase_noise is not None and not thick:
         pot += phase_noise / np.float32(contrast)
     c = ctf_2d(ny, pixel_size, voltage, cs, amplitude_contrast, df1, df2, angast, pshift, bfactor,
                half=True, nx=nx)
     # ft2 requires nothing square; the CTF grid matches rfft2 of (ny, nx)
-    f = _fft.rfftn(np.fft.ifftshift(pot))
-    img = 1.0 + contrast * np.fft.fftshift(_fft.irfftn(f * c, nx))
+    f = _fft.rfftn(np.fft.ifftshift(pot)) * c
+    if thick:
+        if rng is None:
+            raise ValueError("rng is required with thickness_angstrom")
+        f += slab_ctf_filter_ft(_fft.rfftn(np.fft.ifftshift(phase_noise / np.float32(contrast))), pixel_size,
+                                voltage, cs, amplitude_contrast, df1, df2, angast, float(thickness_angstrom), rng,
+                                pshift, bfactor)
+    img = 1.0 + contrast * np.fft.fftshift(_fft.irfftn(f, nx))
     if background is not None:
         img += background
     return img.astype(np.float32)
+
+
+def slab_layers(thickness: float, pixel_size: float, voltage: float) -> np.ndarray:
+    """Heights (Å, from the slab's centre) of the layers that sample a slab of ``thickness`` Å.
+
+    Midpoints of equal sub-slabs no thicker than ``0.5 pixel^2 / lambda``:
+    between neighbouring layers ``lambda g^2 dz <= 1/4`` up to the corner of
+    the spectrum, so that the sum over layers follows the integral over
+    the slab (its first alias, at ``lambda g^2 dz = 1``, stays outside).
+
+    >>> z = slab_layers(1000.0, 1.5, 300.0)
+    >>> bool(abs(z.mean()) < 1e-9 and z.max() < 500.0), len(z)
+    (True, 18)
+    """
+    from cistem_mpi.kernels.ctf import electron_wavelength
+
+    t = float(thickness)
+    if t <= 0:
+        return np.zeros(1)
+    dz = 0.5 * pixel_size * pixel_size / electron_wavelength(voltage)
+    n = max(1, int(np.ceil(t / dz)))
+    return -0.5 * t + (np.arange(n) + 0.5) * (t / n)
+
+
+def slab_ctf_filter_ft(ft: np.ndarray, pixel_size: float, voltage: float, cs: float, amplitude_contrast: float,
+                       df1: float, df2: float, angast: float, thickness: float, rng: np.random.Generator,
+                       pshift: float = 0.0, bfactor: float = 0.0) -> np.ndarray:
+    """A thin layer's transform (rfft layout, ny x nx//2+1) spread over a slab and imaged through the CTF.
+
+    The slab is :func:`slab_layers` independent layers with the spectrum
+    ``|ft|`` (an amorphous layer: the same power, independent random
+    phases), each of ``1/L`` of the power and at its own height ``z``
+    (defocus ``df + z``): ``sum_k CTF(df + z_k) |ft| exp(i theta_k) / sqrt(L)``.
+    Its expected power is ``|ft|^2 mean_k CTF(df + z_k)^2``.
+
+    Returns
+    -------
+    ndarray complex64, same shape as ``ft``.
+
+    >>> f = np.ones((32, 17), np.complex64)
+    >>> out = slab_ctf_filter_ft(f, 1.5, 300.0, 2.7, 0.07, 15000, 15000, 0, 1000.0, np.random.default_rng(0))
+    >>> out.shape, out.dtype
+    ((32, 17), dtype('complex64'))
+    """
+    ft = np.asarray(ft)
+    ny, w = ft.shape
+    nx = 2 * (w - 1)
+    amp = np.abs(ft).astype(np.float32)
+    z = slab_layers(thickness, pixel_size, voltage)
+    out = np.zeros((ny, w), np.complex64)
+    scale = np.float32(1.0 / np.sqrt(len(z)))
+    for dz in z:
+        c = ctf_2d(ny, pixel_size, voltage, cs, amplitude_contrast, df1 + dz, df2 + dz, angast, pshift, bfactor,
+                   half=True, nx=nx)
+        theta = rng.uniform(0.0, 2.0 * np.pi, size=(ny, w)).astype(np.float32)
+        out += (amp * c.astype(np.float32) * scale) * (np.cos(theta) + 1j * np.sin(theta)).astype(np.complex64)
+    out[0, 0] = 0.0
+    return out
 
 
 def paste_images(images: np.ndarray, positions: np.ndarray, shape: tuple[int, int],
@@ -739,7 +814,8 @@ def physical_micrograph(particle_fts: np.ndarray, positions: np.ndarray, particl
                         ice_thickness: np.ndarray | float = 300.0, height: np.ndarray | None = None,
                         carbon: np.ndarray | None = None, carbon_thickness: float = 200.0,
                         contamination: np.ndarray | None = None,
-                        rng: np.random.Generator | None = None) -> np.ndarray:
+                        rng: np.random.Generator | None = None,
+                        thickness_angstrom: float | None = None) -> np.ndarray:
     """Intensity (zero-loss image, before the detector) of particles in ice.
 
     Model (weak-phase, energy-filtered):
@@ -777,6 +853,13 @@ def physical_micrograph(particle_fts: np.ndarray, positions: np.ndarray, particl
         is far outside the weak-phase range).
     rng : numpy.random.Generator
         For the amorphous fluctuations (required).
+    thickness_angstrom : float, optional
+        A thick specimen: the ice's amorphous fluctuations are made as
+        :func:`slab_layers` layers across a slab of this thickness centred
+        on the defocus plane (each ``1/L`` of ``ice_thickness``), each
+        through the CTF of its own height (its power spectrum is then the
+        CTF^2 averaged over the slab, the model ctffind5 fits).  Default
+        None: one layer at the defocus plane.
 
     Returns
     -------
@@ -794,7 +877,11 @@ def physical_micrograph(particle_fts: np.ndarray, positions: np.ndarray, particl
                          np.full(n, angast), pshift, ctf_bfactor)
         paste_images(particle_fts * c, positions, shape, out=phi_p, fourier=True)
     t = np.broadcast_to(np.asarray(ice_thickness, dtype=np.float32), (ny, nx))
-    bg = ICE_MEAN_POTENTIAL * t + amorphous_potential_noise(shape, pixel_size, t, rng)
+    thick = thickness_angstrom is not None and thickness_angstrom > 0
+    layers = slab_layers(float(thickness_angstrom), pixel_size, voltage) if thick else None
+    bg = ICE_MEAN_POTENTIAL * t
+    if not thick:
+        bg = bg + amorphous_potential_noise(shape, pixel_size, t, rng)
     att = t / inelastic_mfp(voltage)
     if carbon is not None:
         tc = carbon_thickness * np.asarray(carbon, dtype=np.float32)
@@ -809,6 +896,13 @@ def physical_micrograph(particle_fts: np.ndarray, positions: np.ndarray, particl
     pad = int(min(256, ny // 2, nx // 2))
     contrast = ctf_filter_by_height(bg, pixel_size, voltage, cs, amplitude_contrast, df1, df2, angast, pshift,
                                     ctf_bfactor, height, pad=pad)
+    if thick:
+        # the ice's fluctuations layer by layer, each at its own height in the slab
+        for dz in layers:
+            layer = amorphous_potential_noise(shape, pixel_size, t / np.float32(len(layers)), rng)
+            contrast += ctf_filter_by_height(layer - np.float32(layer.mean()), pixel_size, voltage, cs,
+                                             amplitude_contrast, df1 + dz, df2 + dz, angast, pshift, ctf_bfactor,
+                                             height, pad=pad)
     # particles: each with its own CTF already
     contrast = np.float32(2.0 * sigma) * (contrast + phi_p)
     return (np.exp(-att).astype(np.float32) * (1.0 + contrast)).astype(np.float32)
