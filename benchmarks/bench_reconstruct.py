@@ -100,7 +100,7 @@ def _rss_bytes() -> int:
 
 # ---------------------------------------------------------------------- inside the timed process
 def _worker(job: dict, warm: dict) -> None:
-    from cistem_mpi.drivers import reconstruct as rc
+    from cistem_mpi.drivers import volumejob as rc
     from cistem_mpi.drivers.runtime import get_world, guarded
     from cistem_mpi.drivers.runtime.slab import accumulator_bytes
     from cistem_mpi.kernels import backprojection as bp
@@ -258,7 +258,7 @@ def numpy_finish(d1, w1, d2, w2, n: int, iterations: int = 3) -> tuple[list[np.n
 
 def package_finish_volume(d1, w1, d2, w2, n: int) -> np.ndarray:
     """The package's finishing on one rank (same kernels as reconstruct_particles), full map only."""
-    from cistem_mpi.drivers.reconstruct import WIENER_ITERATIONS
+    from cistem_mpi.drivers.volumejob import WIENER_ITERATIONS
     from cistem_mpi.kernels import backprojection as bp
     from cistem_mpi.kernels import reconstruction as rec
 
@@ -276,7 +276,7 @@ def package_finish_volume(d1, w1, d2, w2, n: int) -> np.ndarray:
 
 
 def bench_numpy(job: dict, n_sub: int) -> dict:
-    from cistem_mpi.drivers import reconstruct as rc
+    from cistem_mpi.drivers import volumejob as rc
     from cistem_mpi.kernels.backprojection import new_accumulators
 
     acc, t_ins = _numpy_insert(job, n_sub)

@@ -21,7 +21,7 @@ from cistem_mpi import __version__
 from cistem_mpi.errors import CistemError
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage dump)."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
@@ -50,6 +50,7 @@ COMMAND_MODULES: dict[str, str] = {
     "report": "report",
     "simulate": "simulate",
     "status": "status",
+    "validate": "validate",
 }
 
 
@@ -72,13 +73,13 @@ def _command_in(argv: list[str]) -> str | None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Build the parser with ``command``'s sub-commands, or every driver's when None."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="cistem-mpi",
         description="cisTEM's single-particle pipeline as an MPI job (rank 0 controls, ranks 1.. work).",
     )
     parser.add_argument("--version", action="version", version=f"cistem-mpi {__version__}")
     parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="<job>", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="<job>", parser_class=OneLineParser)
     sub.required = True
     for name in _driver_modules(command):
         module = importlib.import_module(f"cistem_mpi.drivers.{name}")

@@ -137,7 +137,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(small, tmp_path):
 
 
 def test_an_empty_class_is_reseeded_from_the_largest():
-    from cistem_mpi.drivers.classify_2d import _averages
+    from cistem_mpi.drivers.classify_2d import class_averages
 
     rng = np.random.default_rng(0)
     k, m, n = 3, 16, 32
@@ -153,7 +153,7 @@ def test_an_empty_class_is_reseeded_from_the_largest():
             self.msg = a
 
     plan = {"n_classes": k, "auto_centre": False}
-    out = _averages(plan, s, {"num": num, "den": den, "pop": np.array([40.0, 60.0, 0.0])}, 100, Log())
+    out = class_averages(plan, s, {"num": num, "den": den, "pop": np.array([40.0, 60.0, 0.0])}, 100, Log())
     assert out["reseeded"] == [3]
     assert out["pop_soft"][2] == out["pop_soft"][1] == 30.0
     assert np.abs(out["images"][2]).max() > 0

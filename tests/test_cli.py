@@ -87,7 +87,7 @@ def test_command_table_names_every_drivers_commands():
     commands = full._subparsers._group_actions[0].choices  # the sub-command table argparse built
     assert sorted(commands) == sorted(cli.COMMAND_MODULES)
     for command, module in cli.COMMAND_MODULES.items():
-        sub = cli._Parser(prog="t").add_subparsers()
+        sub = cli.OneLineParser(prog="t").add_subparsers()
         importlib.import_module(f"cistem_mpi.drivers.{module}").register(sub)
         assert command in sub.choices, (command, module)
 

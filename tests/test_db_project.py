@@ -12,7 +12,7 @@ import pytest
 
 from cistem_mpi.db.project import Project
 from cistem_mpi.drivers.jobrun import run_job
-from cistem_mpi.io.project_dir import PROJECT_TREE
+from cistem_mpi.db.naming import PROJECT_TREE
 from helpers_jobs import job_args
 
 # The seed's list (cisTEM FAQ), written out here independently of PROJECT_TREE.

@@ -20,7 +20,8 @@ import pytest
 from cistem_mpi.cli import main
 from cistem_mpi.db.project import Project
 from cistem_mpi.drivers.package import split_by_micrograph
-from cistem_mpi.drivers.reconstruct import ReconstructionSettings, _half_sets_of, reconstruct_particles
+from cistem_mpi.drivers.reconstruct import ReconstructionSettings, reconstruct_particles
+from cistem_mpi.drivers.volumejob import half_sets_of
 from cistem_mpi.drivers.runtime import World
 from cistem_mpi.drivers.simulate import simulate_particles
 from cistem_mpi.errors import InputError
@@ -60,11 +61,11 @@ def test_reconstruction_uses_a_stored_split_in_stack_order():
     ps = ParticleSet(params=params, optics=[Optics(1.0, 300, 2.7, 0.07)], extra={"half_set": np.array([1, 2, 2, 1])})
     keep = params["film"] >= 0
     order = np.argsort(params["position"][keep], kind="stable")
-    assert _half_sets_of(ps, keep, order, "x").tolist() == [1, 2, 1]  # positions 1, 2, 4
+    assert half_sets_of(ps, keep, order, "x").tolist() == [1, 2, 1]  # positions 1, 2, 4
     ps.extra["half_set"] = np.array([1, 1, 2, 1])  # only half 1 among the kept particles
     with pytest.raises(InputError, match="both halves"):
-        _half_sets_of(ps, keep, order, "x")
-    assert np.array_equal(_half_sets_of(ParticleSet(params=params, optics=ps.optics), keep, order, "x"),
+        half_sets_of(ps, keep, order, "x")
+    assert np.array_equal(half_sets_of(ParticleSet(params=params, optics=ps.optics), keep, order, "x"),
                           half_sets(np.array([1, 2, 4])))
 
 

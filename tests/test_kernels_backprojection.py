@@ -8,7 +8,7 @@ import pytest
 
 from cistem_mpi.kernels import fft
 from cistem_mpi.kernels.backprojection import (
-    ft_to_volume, insert_slices, insert_slices_numpy, new_accumulators, normalize_ft, reconstruct,
+    ft_to_volume, insert_slices, insert_slices_numpy, new_accumulators, normalise_ft, reconstruct,
     slab_bounds,
 )
 from cistem_mpi.kernels.ctf import ctf_2d_stack
@@ -76,8 +76,8 @@ def test_slab_insertion_equals_rows_of_full_insertion():
         insert_slices(d, w, f, r, image_weights=g, z_range=(z0, z1))
         assert np.array_equal(d, full_d[z0:z1]) and np.array_equal(w, full_w[z0:z1])
     # normalisation is elementwise: per-slab results stack to the full result
-    parts = [normalize_ft(full_d[a:b], full_w[a:b]) for a, b in slabs]
-    assert np.array_equal(np.concatenate(parts), normalize_ft(full_d, full_w))
+    parts = [normalise_ft(full_d[a:b], full_w[a:b]) for a, b in slabs]
+    assert np.array_equal(np.concatenate(parts), normalise_ft(full_d, full_w))
 
 
 def test_accumulated_transform_is_hermitian_on_the_kx0_plane():
@@ -99,11 +99,11 @@ def test_reconstruction_from_noise_free_projections(map32, method):
     s = extract_slices(prepare_volume_ft(map32, 2.0, method), r)
     d, w = new_accumulators(64)
     insert_slices(d, w, s, r, method=method)
-    rec = ft_to_volume(normalize_ft(d, w), 32, method)
+    rec = ft_to_volume(normalise_ft(d, w), 32, method)
     assert np.corrcoef(rec.ravel(), map32.ravel())[0, 1] > (0.99 if method == "linear" else 0.95)
     assert abs(rec.std() / map32.std() - 1) < (0.02 if method == "linear" else 0.08)  # gridding-corrected
     if method == "linear":
-        raw = ft_to_volume(normalize_ft(d, w), 32, method, grid_correct=False)
+        raw = ft_to_volume(normalise_ft(d, w), 32, method, grid_correct=False)
         assert abs(raw.std() / map32.std() - 1) > abs(rec.std() / map32.std() - 1)
 
 
@@ -152,5 +152,5 @@ def test_symmetry_expansion_reconstructs_a_symmetric_map():
     sym_r = expand_rotations(r, "C4")
     d, w = new_accumulators(48)
     insert_slices(d, w, np.repeat(s, 4, axis=0), sym_r)
-    rec = ft_to_volume(normalize_ft(d, w), n)
+    rec = ft_to_volume(normalise_ft(d, w), n)
     assert np.corrcoef(rec.ravel(), vol.ravel())[0, 1] > 0.99

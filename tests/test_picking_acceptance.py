@@ -66,13 +66,14 @@ def _metrics(sim, results, threshold: float = 0.0) -> tuple[float, float]:
 def results(sim):
     refs = project(assembly_map(8, 2 * PS), view_directions(10), method="cubic")
     free = [_pick(sim, i, None, 3.0) for i in range(2)]
-    ref = [_pick(sim, i, refs, 5.0) for i in range(2)]
+    ref = [_pick(sim, i, refs, 3.0) for i in range(2)]
     return free, ref
 
 
 @pytest.mark.slow
 def test_reference_based_recall_and_precision_at_least_90_percent(sim, results):
-    precision, recall = _metrics(sim, results[1])
+    # measured at 5 sigma: P 0.94 R 0.94
+    precision, recall = _metrics(sim, results[1], 5.0)
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
 
 
@@ -85,12 +86,31 @@ def test_template_free_reaches_90_percent_at_3_sigma_and_is_precise_at_4(sim, re
     assert p4 >= 0.95 and r4 >= 0.85, (p4, r4)
 
 
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / max(precision + recall, 1e-12)
+
+
+def _median_centre_error(sim, results) -> float:
+    """Median distance (Å) of the right picks (within 0.2 diameters) from their true centres."""
+    out = []
+    for i, r in enumerate(results):
+        pos = sim.positions[i] * PS
+        d = np.sqrt(((np.stack([r.x, r.y], 1)[:, None] - pos[None]) ** 2).sum(-1)).min(1)
+        out.append(d[d < 0.4 * sim.truths[i]["radius_angstrom"][0]])
+    return float(np.median(np.concatenate(out)))
+
+
 @pytest.mark.slow
-def test_reference_based_does_about_as_well_as_template_free(sim, results):
-    p_free, r_free = _metrics(sim, results[0], 4.0)
-    p_ref, r_ref = _metrics(sim, results[1])
-    f = lambda p, r: 2 * p * r / (p + r)  # noqa: E731
-    assert f(p_ref, r_ref) >= f(p_free, r_free) - 0.05, (p_ref, r_ref, p_free, r_free)
+def test_reference_based_does_at_least_as_well_as_template_free(sim, results):
+    # each picker at its best threshold (3-8 sigma): F1 = harmonic mean of precision and recall.
+    # measured: template-free best at 3 sigma F1 0.942 (P 0.98 R 0.91); reference-based (true
+    # projections, 10 views x 36 rotations) best at 6 sigma F1 0.948 (P 0.96 R 0.94).
+    thresholds = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
+    free = max(_f1(*_metrics(sim, results[0], t)) for t in thresholds)
+    ref = max(_f1(*_metrics(sim, results[1], t)) for t in thresholds)
+    assert ref >= free, (ref, free)
+    # and its picks are better centred (measured: median 2.6 Å against 10.7 Å from the true centres)
+    assert _median_centre_error(sim, results[1]) <= _median_centre_error(sim, results[0])
 
 
 @pytest.mark.slow

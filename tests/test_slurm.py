@@ -13,11 +13,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from helpers_slurm import wait_for_job
 from runtime_helpers import REPO, jobs, new_project, run
 
 pytestmark = pytest.mark.slurm
@@ -42,20 +42,6 @@ def env(slurm):
 @pytest.fixture
 def project(tmp_path):
     return new_project(tmp_path / "proj")
-
-
-def _wait_for_job(job_id: str, env: dict, timeout: float) -> str:
-    """Poll ``scontrol show job`` until the job ends (faster than ``sbatch --wait``); its final state."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env={**os.environ, **env},
-                             capture_output=True, text=True, timeout=30).stdout
-        state = out.split("JobState=", 1)[1].split()[0] if "JobState=" in out else ""
-        if state and state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
-            return state
-        time.sleep(0.5)
-    subprocess.run(["scancel", job_id], env={**os.environ, **env}, capture_output=True, timeout=30)
-    pytest.fail(f"Slurm job {job_id} did not end within {timeout} s")
 
 
 def _check_job(project, n, tasks):
@@ -92,7 +78,7 @@ def test_sbatch_via_jobscript(env, project, tmp_path):
                "mpi-check", "--project", str(project), "--tasks", "250"], env=env, cwd=tmp_path, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     slurm_id = res.stdout.strip().split(";")[0]
-    state = _wait_for_job(slurm_id, env, timeout=180)
+    state = wait_for_job(slurm_id, env, timeout=180)
     assert state == "COMPLETED", (tmp_path / f"sbatch-{slurm_id}.out").read_text()
     j = _check_job(project, 5, 250)
     assert j["result"]["slurm_job_id"] == slurm_id

@@ -258,3 +258,15 @@ def relocate_job_paths(conn: sqlite3.Connection, old_root: str, new_root: str) -
                                (new, len(old) + 1, old.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"))
             n += cur.rowcount
     return n
+
+
+def died_job_ids(conn: sqlite3.Connection) -> set[int]:
+    """Ids of the jobs already on record as failed because their process died (``clean`` counts them)."""
+    return {int(r["id"]) for r in conn.execute(
+        "SELECT id FROM jobs WHERE status = 'failed' AND error LIKE 'process died%'")}
+
+
+def ended_job_scratch(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    """``(job id, scratch path)`` of every job that is not running (its scratch folder may go)."""
+    return [(int(r["id"]), r["scratch_path"])
+            for r in conn.execute("SELECT id, scratch_path FROM jobs WHERE status != 'running'")]

@@ -19,7 +19,7 @@ from pathlib import Path
 from cistem_mpi import __version__
 from cistem_mpi.db import connection, schema
 from cistem_mpi.errors import InputError
-from cistem_mpi.io.project_dir import create_tree, missing_folders
+from cistem_mpi.db.naming import create_tree, missing_folders
 
 #: Tables whose rows point at files, and the columns holding paths.
 PATH_COLUMNS: dict[str, tuple[str, ...]] = {

@@ -32,13 +32,11 @@ import numpy as np
 
 from cistem_mpi.db import naming
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
-# Shared with reconstruct/refine (to move to a common module): project refinement loading,
-# the slab reconstruction and the volume asset writer.
-from cistem_mpi.drivers.reconstruct import (
-    Reconstruction, ReconstructionSettings, load_refinement, reconstruct_particles, write_volume_assets,
-)
 from cistem_mpi.drivers.runtime import CheckpointStore, World, map_chunks
 from cistem_mpi.drivers.runtime.checkpoint import rng_from_state, rng_state
+from cistem_mpi.drivers.volumejob import (
+    Reconstruction, ReconstructionSettings, load_refinement, reconstruct_particles, write_volume_assets,
+)
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.params import ParticleSet
 from cistem_mpi.kernels import ab_initio as ai

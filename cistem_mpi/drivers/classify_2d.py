@@ -272,7 +272,7 @@ def _pass(ctx: JobContext, job: dict[str, Any] | None, rows: np.ndarray | None) 
 
 
 # ------------------------------------------------------------------ class averages (rank 0)
-def _averages(plan: dict[str, Any], s: c2.ClassifySettings, sums: dict[str, Any], n_used: int,
+def class_averages(plan: dict[str, Any], s: c2.ClassifySettings, sums: dict[str, Any], n_used: int,
               log, min_fraction: float = 0.0) -> dict[str, Any]:
     """Class averages, re-seeding, centring, resolution per class (rank 0).
 
@@ -360,7 +360,7 @@ def _job(ctx: JobContext) -> dict:
         if ctx.is_controller:
             assert plan is not None and sums is not None
             plan_s = job["settings"]
-            av = _averages(dict(plan, auto_centre=False), plan_s, sums, len(rows) * 2 // max(1, plan["n_classes"]),
+            av = class_averages(dict(plan, auto_centre=False), plan_s, sums, len(rows) * 2 // max(1, plan["n_classes"]),
                            ctx.log)
             st.update(images=av["images"], pop=np.full(plan["n_classes"], len(rows) / plan["n_classes"]),
                       params=_initial_params(plan["params"]), class_2d=np.zeros(len(rows), dtype=np.int32), round=0)
@@ -437,7 +437,7 @@ def _round_done(ctx: JobContext, plan: dict[str, Any], st: dict[str, Any], s: c2
     # small classes are re-seeded while the schedule still has rounds to settle them
     settle = max(2, int(plan.get("settle_rounds", 3)))
     small = plan["reseed_fraction"] if r <= len(plan["schedule"]) - settle else 0.0
-    av = _averages(plan, s, sums, len(use), ctx.log, small)
+    av = class_averages(plan, s, sums, len(use), ctx.log, small)
     hard = np.bincount(class_2d[class_2d > 0] - 1, minlength=k).astype(np.float64)
     assigned = res_arr[:, 0].astype(int)
     score = np.array([res_arr[assigned == c, 6].mean() if np.any(assigned == c) else 0.0 for c in range(k)])

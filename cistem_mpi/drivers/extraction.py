@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cistem_mpi.db import assets as assets_db
 from cistem_mpi.drivers.runtime import World, map_chunks
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.params import Optics
@@ -91,24 +92,7 @@ def plan_extraction(project, box: int, jobs: list[int] | None = None, images: li
     if box < 8:
         raise InputError("--box", f"the box must be at least 8 pixels, got {box}")
     conn = project.conn
-    where, args = [], []
-    if jobs:
-        where.append(f"p.job_id IN ({','.join('?' * len(jobs))})")
-        args += list(jobs)
-    if images:
-        ids = [int(i) for i in images if str(i).isdigit()]
-        names = [str(i) for i in images if not str(i).isdigit()]
-        sel = []
-        if ids:
-            sel.append(f"i.id IN ({','.join('?' * len(ids))})")
-            args += ids
-        if names:
-            sel.append(f"i.name IN ({','.join('?' * len(names))})")
-            args += names
-        where.append("(" + " OR ".join(sel) + ")")
-    sql = ("SELECT p.id, p.image_id, p.x, p.y FROM particle_positions p JOIN images i ON i.id = p.image_id"
-           + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY p.image_id, p.id")
-    rows = np.array(conn.execute(sql, args).fetchall(), dtype=np.float64).reshape(-1, 4)
+    rows = np.array(assets_db.positions_to_extract(conn, jobs, images), dtype=np.float64).reshape(-1, 4)
     if len(rows) == 0:
         raise InputError("--from-positions", "no particle positions match (import positions first: "
                                              "`cistem-mpi import positions`)")
@@ -116,7 +100,7 @@ def plan_extraction(project, box: int, jobs: list[int] | None = None, images: li
     # rows are sorted by image: each image's rows are one slice (no per-image scan of every row)
     bounds = np.searchsorted(rows[:, 1], image_ids, side="left").tolist() + [len(rows)]
     # every image (not an IN list: tens of thousands of micrographs exceed SQLite's variable limit)
-    img_rows = {int(r["id"]): r for r in conn.execute("SELECT * FROM images")}
+    img_rows = assets_db.image_rows(conn)
     first = img_rows[int(image_ids[0])]
     optics = Optics(pixel_size=float(first["pixel_size"]), voltage=float(first["voltage"]), cs=float(first["cs"]),
                     amplitude_contrast=float(first["amplitude_contrast"]))
@@ -135,8 +119,7 @@ def plan_extraction(project, box: int, jobs: list[int] | None = None, images: li
         path = project.resolve(img["path"])
         if not Path(path).is_file():
             raise InputError(path, f"micrograph file of image {img['name']} not found")
-        est = conn.execute("SELECT df1, df2, angast, pshift FROM ctf_estimates WHERE image_id = ? "
-                           "ORDER BY id DESC LIMIT 1", (int(image_id),)).fetchone()
+        est = assets_db.newest_ctf_estimate(conn, int(image_id))
         if est is None:
             raise InputError("--from-positions", f"image {img['name']} has no CTF estimate "
                                                  "(import one: `cistem-mpi import ctf`)")

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cistem_mpi.db import assets as assets_db
 from cistem_mpi.db import naming
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
+from cistem_mpi.drivers.options import add_contrast_arguments
 from cistem_mpi.errors import InputError
-from cistem_mpi.io.params import Optics, ParticleSet
-
-#: Tolerance when comparing pixel sizes from two sources (Å).
-PIXEL_SIZE_TOLERANCE = 1e-3
-
+from cistem_mpi.io.parameter_files import (
+    PIXEL_SIZE_TOLERANCE, check_header_pixel_size, read_particle_params, stack_protein_is_white,
+)
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``import`` command."""
@@ -87,37 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=lambda a: run_job(a, "import_volume", _import_volume))
 
 
-def add_contrast_arguments(p: argparse.ArgumentParser) -> None:
-    """``--protein-is-white`` / ``--protein-is-dark``: the contrast of a particle stack."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--protein-is-white", dest="protein_is_white", action="store_const", const=True,
-                   help="the stack has protein white (RELION's convention; the default with RELION .star "
-                        "parameters): images are inverted when read")
-    g.add_argument("--protein-is-dark", dest="protein_is_white", action="store_const", const=False,
-                   help="the stack has protein dark (cisTEM's convention; the default with .par, cisTEM .star, .cs)")
-
-
 def protein_is_white_for(a: dict, params: list[Path]) -> bool:
-    """The contrast of a stack imported with parameter files ``params``.
-
-    ``--protein-is-white``/``--protein-is-dark`` decide when given; else a
-    RELION ``.star`` means protein white (RELION extracts so), unless the
-    file states its contrast (our exports do), and anything else means
-    protein dark (cisTEM).  Files that disagree are an error.
-    """
-    given = a.get("protein_is_white")
-    if given is not None:
-        return bool(given)
-    from cistem_mpi.io.star import star_protein_is_white
-
-    votes = {}
-    for path in params:
-        votes[path] = star_protein_is_white(path) if Path(path).suffix.lower() == ".star" else False
-    if len(set(votes.values())) > 1:
-        raise InputError("--protein-is-white", "the parameter files imply different contrasts (RELION .star: "
-                                               "protein white; others: dark); say which with --protein-is-white "
-                                               "or --protein-is-dark")
-    return bool(next(iter(votes.values()), False))
+    """The contrast of a stack imported with parameter files ``params`` (:func:`stack_protein_is_white`)."""
+    return stack_protein_is_white(a.get("protein_is_white"), params)
 
 
 def _existing(path: str) -> Path:
@@ -194,8 +166,8 @@ def _no_duplicates(ctx: JobContext, files: list[Path], table: str) -> None:
             raise InputError(path, "given twice on the command line")
         seen[key] = path
     assert ctx.project is not None
-    rows = ctx.project.conn.execute(f"SELECT id, path FROM {table}").fetchall()
-    known = {str(ctx.project.resolve(r["path"]).resolve()): int(r["id"]) for r in rows}
+    known = {str(ctx.project.resolve(path).resolve()): row_id
+             for row_id, path in assets_db.registered_paths(ctx.project.conn, table)}
     for key, path in seen.items():
         if key in known:
             raise InputError(path, f"already imported (as {table[:-1]} #{known[key]})")
@@ -226,7 +198,7 @@ class ImageIndex:
     """
 
     def __init__(self, conn, forced: str | None = None):
-        self.rows = {int(r["id"]): r for r in conn.execute("SELECT id, name, nx, ny, pixel_size FROM images")}
+        self.rows = assets_db.image_rows(conn)
         self.by_name: dict[str, list[int]] = {}
         for i, r in self.rows.items():
             self.by_name.setdefault(r["name"], []).append(i)
@@ -353,48 +325,6 @@ def _import_positions(ctx: JobContext) -> dict:
 
 
 # ------------------------------------------------------------------ particles
-def check_header_pixel_size(path: Path, header_ps: float, pixel_size: float) -> None:
-    """A header with a real pixel size (not 0 or 1) must agree with the one in use."""
-    if header_ps and abs(header_ps - 1.0) > 1e-6 and abs(header_ps - pixel_size) > PIXEL_SIZE_TOLERANCE:
-        raise InputError(path, f"header pixel size {header_ps:.4f} Å does not match {pixel_size:.4f} Å")
-
-
-def read_particle_params(path: Path, pixel_size: float | None, n_in_stack: int,
-                         optics: tuple[float, float, float] = (300.0, 2.7, 0.07)) -> ParticleSet:
-    """Read one parameter file (.par/.star/.cs) and check it against the stack.
-
-    A ``.par`` file carries no optics: ``pixel_size`` and ``optics``
-    (voltage kV, Cs mm, amplitude contrast) come from the command line.
-    """
-    suffix = path.suffix.lower()
-    if suffix == ".par":
-        from cistem_mpi.io.par import read_par
-
-        params = read_par(path)
-        if pixel_size is None:
-            raise InputError(path, ".par files carry no pixel size; give --pixel-size")
-        voltage, cs, ac = optics
-        ps = ParticleSet(params=params, optics=[Optics(pixel_size=pixel_size, voltage=voltage, cs=cs,
-                                                       amplitude_contrast=ac)])
-    elif suffix == ".star":
-        from cistem_mpi.io.star import read_star
-
-        ps = read_star(path, pixel_size=pixel_size)
-    elif suffix == ".cs":
-        from cistem_mpi.io.cryosparc import read_cryosparc
-
-        ps = read_cryosparc(path, pixel_size=pixel_size)
-    else:
-        raise InputError(path, "unknown parameter file type (expected .par, .star or .cs)")
-    if len(ps) == 0:
-        raise InputError(path, "no particles in parameter file")
-    pos = ps.params["position"]
-    if pos.min() < 1 or pos.max() > n_in_stack:
-        bad = int(pos[(pos < 1) | (pos > n_in_stack)][0])
-        raise InputError(path, f"refers to particle {bad}, but the stack has {n_in_stack} particles")
-    return ps
-
-
 def _import_particles(ctx: JobContext) -> dict:
     if not ctx.is_controller:
         return {}

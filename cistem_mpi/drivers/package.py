@@ -94,6 +94,8 @@ from typing import Any
 import numpy as np
 
 from cistem_mpi.db import naming
+from cistem_mpi.db import packages as packages_db
+from cistem_mpi.db.classification import classification_by_number
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options, run_job
 from cistem_mpi.errors import InputError, check_free_space
 from cistem_mpi.io.params import Optics, ParticleSet, empty_params
@@ -483,7 +485,7 @@ def _reject_options(a: dict[str, Any], source: str, *names: str) -> None:
 
 
 def _stack_row(conn, stack_id: int, option: str):
-    row = conn.execute("SELECT * FROM particle_stacks WHERE id = ?", (stack_id,)).fetchone()
+    row = packages_db.stack_by_id(conn, stack_id)
     if row is None:
         raise InputError(option, f"no particle stack #{stack_id} in this project")
     return row
@@ -516,12 +518,12 @@ def _from_refinement(ctx: JobContext, a: dict[str, Any], rng: np.random.Generato
     assert ctx.project is not None
     conn = ctx.project.conn
     run = int(a["from_refinement"])
-    ref = conn.execute("SELECT * FROM refinements WHERE id = ?", (run,)).fetchone()
+    ref = packages_db.refinement_by_id(conn, run)
     if ref is None:
         raise InputError("--from-refinement", f"no refinement #{run} in this project")
-    pkg = conn.execute("SELECT * FROM refinement_packages WHERE id = ?", (ref["package_id"],)).fetchone()
+    pkg = packages_db.package_by_id(conn, ref["package_id"])
     stack_row = _stack_row(conn, int(pkg["stack_id"]), "--from-refinement")
-    rows = list(conn.execute("SELECT * FROM refinement_classes WHERE refinement_id = ? ORDER BY class_number", (run,)))
+    rows = packages_db.refinement_class_rows(conn, run)
     if not rows:
         raise InputError("--from-refinement", f"refinement #{run} has no class parameter files")
     old_classes = [int(r["class_number"]) for r in rows]
@@ -617,7 +619,7 @@ def _from_stack(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator | N
         if path.suffix.lower() == ".h5":
             base = read_params_h5(path)
         else:
-            from cistem_mpi.drivers.import_assets import read_particle_params
+            from cistem_mpi.io.parameter_files import read_particle_params
 
             if not path.is_file():
                 raise InputError(path, "file not found")
@@ -647,14 +649,14 @@ def _from_classification(ctx: JobContext, a: dict[str, Any], rng: np.random.Gene
     assert ctx.project is not None
     conn = ctx.project.conn
     number = int(a["from_classification"])
-    cls = conn.execute("SELECT * FROM classifications_2d WHERE number = ?", (number,)).fetchone()
+    cls = classification_by_number(conn, number)
     if cls is None:
         raise InputError("--from-classification", f"no 2D classification #{number} in this project")
     if cls["package_id"] is None:
         raise InputError("--from-classification", f"2D classification #{number} has no refinement package")
     if not cls["params_path"]:
         raise InputError("--from-classification", f"2D classification #{number} has no per-particle parameters")
-    pkg = conn.execute("SELECT * FROM refinement_packages WHERE id = ?", (cls["package_id"],)).fetchone()
+    pkg = packages_db.package_by_id(conn, cls["package_id"])
     stack_row = _stack_row(conn, int(pkg["stack_id"]), "--from-classification")
     path = ctx.project.resolve(cls["params_path"])
     params = read_params_h5(path)
@@ -781,7 +783,7 @@ def _create(ctx: JobContext) -> dict:
     n_new = len(src.params)
     parent_positions = (src.extraction.position_ids if src.extraction is not None
                         else src.params[0]["position"].astype(np.int64))
-    package_number = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM refinement_packages").fetchone()[0])
+    package_number = packages_db.next_package_number(conn)
     run = naming.next_refinement_run(conn)
     name = a.get("name") or f"Refinement Package #{package_number}"
     box = src.box

@@ -18,7 +18,15 @@ the database (``db/pipeline.py``) to know what finished:
   again; an iterative step (classify-2d, ab-initio, auto-refine) whose
   checkpoints survive continues with ``--resume JOB``.
 
-So rerunning a killed chain continues where it stopped.  A failing step stops
+So rerunning a killed chain continues where it stopped, and separately launched
+parts of the chain (``--from STEP --until STEP``, one Slurm job each:
+``jobscripts/slurm_pipeline.sh``) hand their results on through the database:
+a step's inputs are the outputs of the newest finished job of the step before.
+A per-item step (align-movies, find-ctf, find-particles) can also run as a
+Slurm job array: ``--array-prepare DIR`` plans the step's job into DIR (or notes
+that it finished already), ``--array-run DIR`` computes one array task's share
+(no database access), ``--array-merge DIR`` registers the step's one job.  A
+failing step stops
 the chain with the step named (exit status of the step's job); every step
 before it stays registered.
 
@@ -60,8 +68,14 @@ class StepFailed(CistemError):
 #: Options of every job that the pipeline sets itself or that belong to one invocation.
 _PER_RUN = frozenset({"project", "resume", "keep_scratch", "debug", "func", "array_prepare", "array_run",
                       "array_merge", "array_task", "array_count"})
-#: Recorded arguments ignored when comparing a finished job with what would run.
-_IGNORED = frozenset({"project", "resume", "keep_scratch", "debug", "func"})
+#: Recorded arguments ignored when comparing a finished job with what would run (a job registered by
+#: an array merge, ``--array-merge DIR``, counts as the same step as one run in one piece).
+_IGNORED = frozenset({"project", "resume", "keep_scratch", "debug", "func", "array_prepare", "array_run",
+                      "array_merge", "array_task", "array_count"})
+#: Steps that can run as a Slurm job array (per-item jobs: ``--array-prepare/--array-run/--array-merge``).
+ARRAY_STEPS = ("align-movies", "find-ctf", "find-particles")
+#: The file in an array directory that tells the array tasks and the merge which job to run.
+ARRAY_STEP_FILE = "pipeline-step.json"
 
 
 @dataclass(frozen=True)
@@ -414,13 +428,19 @@ def would_record(step: Step, argv: list[str], project: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ running
-def _mpiexec(given: str | None) -> str:
+def _mpiexec(given: str | None) -> list[str]:
+    """The launcher's words: ``--mpiexec`` may be a command with options (``"srun --mpi=pmi2"``)."""
     if given:
-        return given
+        import shlex
+
+        words = shlex.split(given)
+        if not words:
+            raise InputError("--mpiexec", "empty launcher command")
+        return words
     found = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
     if not found:
         raise InputError("--ranks", "more than 1 rank needs mpiexec, which is not on PATH (give --mpiexec)")
-    return found
+    return [found]
 
 
 def _child_setup() -> None:  # pragma: no cover - runs in the child
@@ -472,6 +492,53 @@ class Outcome:
 
 def _say(text: str) -> None:
     print(f"pipeline: {text}", flush=True)
+
+
+# ------------------------------------------------------------------ one step as a Slurm job array
+def _array_mode(args: argparse.Namespace) -> tuple[str | None, str]:
+    """("prepare" | "run" | "merge", array directory) of ``--array-*``, or (None, "")."""
+    for mode in ("prepare", "run", "merge"):
+        d = getattr(args, f"array_{mode}", None)
+        if d:
+            return mode, str(Path(d).absolute())
+    return None, ""
+
+
+def _write_array_step(adir: str, step: str, argv: list[str], after: int, skipped: int | None) -> None:
+    """Tell the array tasks and the merge the job's command line (or that the step finished already)."""
+    d = Path(adir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{ARRAY_STEP_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps({"step": step, "argv": argv, "after": after, "skipped": skipped}, indent=1))
+    os.replace(tmp, d / ARRAY_STEP_FILE)
+
+
+def _read_array_step(adir: str, step: str | None) -> dict[str, Any]:
+    p = Path(adir) / ARRAY_STEP_FILE
+    try:
+        planned = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(p, "no array step planned here (run the pipeline with --array-prepare DIR first)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(p, f"unreadable ({exc})") from None
+    if step is not None and planned.get("step") != step:
+        raise InputError(p, f"planned for step {planned.get('step')}, not {step}")
+    return planned
+
+
+def _array_task(args: argparse.Namespace, adir: str) -> int:
+    """``--array-run DIR``: this Slurm array task's share of the planned job (no database access)."""
+    planned = _read_array_step(adir, None)
+    if planned.get("skipped") is not None:
+        _say(f"{planned['step']}: skipped (finished already as job {planned['skipped']}; nothing to compute)")
+        return 0
+    root = str(Path(args.project).absolute())
+    cmd = [sys.executable, "-m", "cistem_mpi", *planned["argv"], "--project", root, "--array-run", adir]
+    _say(f"{planned['step']}: array task: cistem-mpi {' '.join(_short(cmd[3:]))}")
+    rc = _run_child(cmd)
+    if rc != 0:
+        raise StepFailed(f"step {planned['step']}: array task failed (exit status {rc})", rc if rc > 0 else 3)
+    return 0
 
 
 class _Chain:
@@ -586,10 +653,18 @@ class _Chain:
             return Outcome(step.name, "selected", None, time.monotonic() - t0,
                            f"classes {','.join(map(str, classes))} of 2D classification #{self.classification}")
         settings = self.cfg.get(step.name)
-        inputs, up = self.inputs(step)
-        argv = _argv(step, settings, inputs)
+        mode, adir = _array_mode(self.args)
+        if mode == "merge":  # register exactly what the prepare part planned (and the array computed)
+            planned = _read_array_step(adir, step.name)
+            argv, after = list(planned["argv"]), int(planned["after"])
+            if planned.get("skipped") is not None:
+                return Outcome(step.name, "skipped", int(planned["skipped"]), time.monotonic() - t0,
+                               f"finished already as job {planned['skipped']} (nothing to merge)")
+        else:
+            inputs, up = self.inputs(step)
+            argv = _argv(step, settings, inputs)
+            after = int(up["id"]) if up is not None else 0
         want = would_record(step, argv, self.root)
-        after = int(up["id"]) if up is not None else 0
 
         def matches(row: Any) -> bool:
             return row is not None and int(row["id"]) > after and _comparable(pdb.job_arguments(row)) == want
@@ -597,6 +672,8 @@ class _Chain:
         done = self.read(lambda c: pdb.newest_job(c, step.job_type, step.where, status="finished"))
         if matches(done):
             self.jobs[step.name] = done
+            if mode == "prepare":  # the array tasks and the merge see this and do nothing
+                _write_array_step(adir, step.name, argv, after, skipped=int(done["id"]))
             took = self.read(lambda c: pdb.wall_time(c, done["id"]))
             return Outcome(step.name, "skipped", int(done["id"]), time.monotonic() - t0,
                            f"finished already as job {done['id']}" + (f" ({took:.1f} s)" if took else ""))
@@ -612,14 +689,23 @@ class _Chain:
                 resume = int(last["id"])
         cmd_words = argv + ["--project", self.root] + (["--resume", str(resume)] if resume else [])
         ranks = int(settings.get("ranks", self.args.ranks))
+        if mode is not None:  # array parts run on one rank each (the array gives the parallelism)
+            cmd_words += [f"--array-{mode}", adir]
+            ranks = 1
         cmd = [sys.executable, "-m", "cistem_mpi", *cmd_words]
         if ranks > 1:
-            cmd = [_mpiexec(self.args.mpiexec), "-n", str(ranks), *cmd]
+            cmd = [*_mpiexec(self.args.mpiexec), "-n", str(ranks), *cmd]
         what = f"resuming job {resume}" if resume else "running"
         _say(f"{step.name}: {what} on {ranks} rank(s): cistem-mpi {' '.join(_short(cmd_words))}")
         before = self.read(lambda c: (pdb.newest_job(c, step.job_type) or {"id": 0})["id"])
         rc = _run_child(cmd)
         seconds = time.monotonic() - t0
+        if mode == "prepare":
+            if rc != 0:
+                raise StepFailed(f"step {step.name} failed: its array plan was refused (exit status {rc}); "
+                                 f"the steps before it are registered", rc if rc > 0 else 3)
+            _write_array_step(adir, step.name, argv, after, skipped=None)
+            return Outcome(step.name, "prepared", None, seconds, f"array plan in {adir}")
         job = self.read(lambda c: pdb.newest_job(c, step.job_type, step.where))
         job = job if job is not None and int(job["id"]) > int(before) else None
         if rc != 0:
@@ -668,8 +754,18 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--project", "give the project directory (-p DIR)")
     if args.ranks < 1:
         raise InputError("--ranks", f"must be at least 1, got {args.ranks}")
+    mode, adir = _array_mode(args)
+    if mode == "run":
+        return _array_task(args, adir)
     steps = _selection(args)
+    if mode is not None and (len(steps) != 1 or steps[0].name not in ARRAY_STEPS):
+        raise InputError(f"--array-{mode}", f"select exactly one of the steps {', '.join(ARRAY_STEPS)} "
+                                            f"(--from STEP --until STEP)")
     cfg = load_config(args.config, steps)
+    if args.print_steps:  # for jobscripts/slurm_pipeline.sh: one line per step, its name and ranks
+        for step in steps:
+            print(step.name, 0 if step.job_type is None else int(cfg.get(step.name).get("ranks", args.ranks)))
+        return 0
     with Project.open(args.project, readonly=True):  # a clear error for a missing project, before anything
         pass
     chain = _Chain(args, cfg)
@@ -711,4 +807,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpiexec", metavar="PATH", help="MPI launcher (default: mpiexec beside python, else on PATH)")
     p.add_argument("--print-config", action="store_true",
                    help="print every setting with its default and meaning (a config to start from) and exit")
+    p.add_argument("--print-steps", action="store_true",
+                   help="check the config, print the selected steps and their ranks (one 'STEP RANKS' line each; "
+                        "0 = no job) and exit (used by jobscripts/slurm_pipeline.sh)")
+    arr = p.add_argument_group("one per-item step as a Slurm job array (see jobscripts/slurm_pipeline.sh)")
+    mode = arr.add_mutually_exclusive_group()
+    mode.add_argument("--array-prepare", metavar="DIR",
+                      help="plan the selected step's job into DIR (or note there that it finished already)")
+    mode.add_argument("--array-run", metavar="DIR", help="compute this Slurm array task's share of the planned job")
+    mode.add_argument("--array-merge", metavar="DIR", help="register the array's results as the step's job")
     p.set_defaults(func=run)

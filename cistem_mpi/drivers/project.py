@@ -128,8 +128,7 @@ def leftovers(project: Project) -> tuple[list[tuple[Path, int | None]], set[int]
 
 def _clean(args: argparse.Namespace) -> int:
     with Project.open(_directory(args)) as project:
-        before_failed = {int(r["id"]) for r in project.conn.execute(
-            "SELECT id FROM jobs WHERE status = 'failed' AND error LIKE 'process died%'")}
+        before_failed = jobs_db.died_job_ids(project.conn)
         dead = jobs_db.mark_dead_jobs(project.conn)
         for job_id in dead:
             print(f"job {job_id}: process gone, recorded as failed")
@@ -141,11 +140,10 @@ def _clean(args: argparse.Namespace) -> int:
                 print(f"job {job_id}: finished; {len(done)} output file(s) renamed to their asset names")
                 rolled += len(done)
         removed = 0
-        for row in project.conn.execute("SELECT id, scratch_path FROM jobs WHERE status != 'running'"):
-            path = row["scratch_path"]
+        for job_id, path in jobs_db.ended_job_scratch(project.conn):
             if path and project.resolve(path).is_dir():
                 shutil.rmtree(project.resolve(path))
-                print(f"removed scratch of job {row['id']}: {path}")
+                print(f"removed scratch of job {job_id}: {path}")
                 removed += 1
         files, live = leftovers(project)
         deleted, kept, freed = 0, 0, 0

@@ -5,7 +5,7 @@ particles to every class reference (local search around the current
 parameters, or a global search followed by local refinement) and returns
 the new Frealign X rows and per-class LogP; rank 0 turns LogP into
 occupancies, then every rank takes part in the reconstruction of each class
-(:func:`cistem_mpi.drivers.reconstruct.reconstruct_particles`).  Auto refine
+(:func:`cistem_mpi.drivers.volumejob.reconstruct_particles`).  Auto refine
 repeats rounds with a resolution limit that follows the measured resolution
 until it stops improving.  Every finished round is checkpointed, so
 ``--resume JOB`` continues a killed job from its last round; the job's
@@ -22,11 +22,11 @@ import numpy as np
 
 from cistem_mpi.db import naming
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options, run_job
-from cistem_mpi.drivers.reconstruct import (
+from cistem_mpi.drivers.runtime import CheckpointStore, World, map_chunks
+from cistem_mpi.drivers.volumejob import (
     Reconstruction, ReconstructionSettings, load_refinement, reconstruct_particles, volume_set_bytes,
     write_volume_assets,
 )
-from cistem_mpi.drivers.runtime import CheckpointStore, World, map_chunks
 from cistem_mpi.errors import DiskFull, InputError, free_bytes
 from cistem_mpi.io.params import ParticleSet
 from cistem_mpi.kernels import alignment as al
@@ -68,6 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--focus-radius", type=float, default=0.0, help="focused mask: sphere radius (Å)")
         p.add_argument("--focus-centre", type=float, nargs=3, metavar=("X", "Y", "Z"),
                        help="focused mask: sphere centre in Å from the first voxel")
+        p.add_argument("--focus-mask", metavar="MRC",
+                       help="focused mask: derive the sphere from this mask map on the reference's grid (centre "
+                            "of mass; radius enclosing every voxel >= half the maximum); printed for reuse as "
+                            "--focus-centre/--focus-radius (a --focus-radius given too wins)")
         p.add_argument("--randomise-occupancies", action="store_true",
                        help="start references from randomised occupancies (default for auto-refine with classes)")
         p.add_argument("--seed", type=int, default=1, help="random seed (occupancy randomisation)")
@@ -281,6 +285,45 @@ def _res_at(rec: Reconstruction, threshold: float) -> float:
     return resolution_at(rec.frequency * 1.0, rec.fsc, threshold, 1.0)
 
 
+def _focus_from_mask(ctx: JobContext, a: dict[str, Any], box: int, ps: float) -> tuple[list[float], float]:
+    """``--focus-mask``: the focus sphere's centre (Å from the first voxel) and radius (Å) (rank 0).
+
+    The radius is the mask's unless ``--focus-radius`` is given too.
+    The mask must be on the reference's grid: a box other than the particles' or a (set) header pixel
+    size other than the refinement's is an :class:`InputError` naming the file.
+    """
+    from cistem_mpi.io.mrc import read_mrc, read_mrc_header
+    from cistem_mpi.kernels.masks import enclosing_sphere
+
+    path = a["focus_mask"]
+    if a.get("focus_centre"):
+        raise InputError("--focus-mask", "give --focus-mask or --focus-centre, not both")
+    header = read_mrc_header(path)
+    if tuple(header.shape) != (box, box, box):
+        raise InputError(path, f"mask box {'x'.join(map(str, header.shape[::-1]))} does not match the "
+                               f"reference's {box}x{box}x{box} (the mask must be on the reference's grid)")
+    hps = float(header.pixel_size)
+    if hps and abs(hps - 1.0) > 1e-6 and abs(hps - ps) > 1e-3 * ps:  # 0 and 1 mean "not set"
+        raise InputError(path, f"mask header pixel size {hps:.4f} Å does not match the reference's {ps:.4f} Å "
+                               f"(the mask must be on the reference's grid)")
+    mask, _ = read_mrc(path, pixel_size=ps)
+    try:
+        centre, radius = enclosing_sphere(mask, ps)
+    except ValueError as exc:
+        raise InputError(path, str(exc)) from None
+    centre_A = [round(v, 2) for v in centre]
+    used = float(a.get("focus_radius") or round(radius, 2))
+    xyz = " ".join(f"{v:.2f}" for v in centre_A)
+    text = (f"focus sphere from {path}: centre {xyz} Å from the first voxel, radius {radius:.2f} Å "
+            f"(reuse as --focus-centre {xyz} --focus-radius {radius:.2f})")
+    if a.get("focus_radius"):
+        text += f"; using the given --focus-radius {used:g} Å"
+    ctx.log.info("%s", text)
+    print(text, flush=True)
+    ctx.result["focus_from_mask"] = {"centre_A": centre_A, "radius_A": round(radius, 2), "focus_radius_A": used}
+    return centre_A, used
+
+
 def _initial_state(ctx: JobContext, auto: bool) -> dict[str, Any]:
     """Starting parameters, references and settings (rank 0)."""
     from cistem_mpi.io.mrc import read_mrc
@@ -309,7 +352,7 @@ def _initial_state(ctx: JobContext, auto: bool) -> dict[str, Any]:
     if a.get("reference"):
         if len(a["reference"]) != n_classes:
             raise InputError("--reference", f"give one reference per class ({n_classes})")
-        from cistem_mpi.drivers.import_assets import check_header_pixel_size
+        from cistem_mpi.io.parameter_files import check_header_pixel_size
         from cistem_mpi.io.mrc import read_mrc_header
 
         references = []
@@ -331,18 +374,21 @@ def _initial_state(ctx: JobContext, auto: bool) -> dict[str, Any]:
     ps = ref["optics"].pixel_size
     mask_radius_A = a.get("mask_radius") or 0.45 * box * ps
     focus = None
-    if a.get("focus_radius"):
-        if not a.get("focus_centre"):
+    focus_centre, focus_radius = a.get("focus_centre"), a.get("focus_radius") or 0.0
+    if a.get("focus_mask"):
+        focus_centre, focus_radius = _focus_from_mask(ctx, a, box, ps)
+    if focus_radius:
+        if not focus_centre:
             raise InputError("--focus-centre", "a focused mask needs a centre (X Y Z in Å)")
         # Å from the first voxel -> pixels from the volume centre
-        focus = tuple(float(v) / ps - box // 2 for v in a["focus_centre"])
+        focus = tuple(float(v) / ps - box // 2 for v in focus_centre)
     return {
         "half_by_position": half_lookup(classes[0][1]["position"], ref["half_sets"][0]),
         "run": ref["run"], "package_id": int(ref["package"]["id"]), "stack": ref["stack_path"],
         "optics": ref["optics"], "box": int(box), "pixel_size": float(ps),
         "symmetry": (a.get("symmetry") or ref["package"]["symmetry"] or "C1").upper(),
         "class_params": class_params, "references": references, "round": 0, "history": [], "res05": None,
-        "mask_radius_A": float(mask_radius_A), "focus": focus, "rounds": [],
+        "mask_radius_A": float(mask_radius_A), "focus": focus, "focus_radius_A": float(focus_radius), "rounds": [],
         "invert": bool(ref["protein_is_white"]), "user_references": references is not None,
     }
 
@@ -366,7 +412,7 @@ def _round_plan(state: dict[str, Any], a: dict[str, Any], auto: bool) -> dict[st
         max_shift=(a.get("max_shift") or 0.1 * box * ps) / ps,
         refine_angles=not a.get("no_angles"), refine_shifts=not a.get("no_shifts"),
         refine_defocus=bool(a.get("refine_defocus")),
-        focus_centre=state["focus"], focus_radius=(a.get("focus_radius") or 0.0) / ps,
+        focus_centre=state["focus"], focus_radius=state.get("focus_radius_A", a.get("focus_radius") or 0.0) / ps,
     )
     o = state["optics"]
     # particles in the stack order, all classes share the rows' positions

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from cistem_mpi.errors import InputError
-from cistem_mpi.io.star import _column, _read_blocks, _table_blocks
+from cistem_mpi.io.star.common import column, float_column, looks_like_star, read_text_file, star_tables
 
 __all__ = ["PickedParticles", "read_coordinates"]
 
@@ -113,66 +113,15 @@ def read_coordinates(path: str | os.PathLike) -> list[PickedParticles]:
 
 
 def _read_any(p: Path, *, allow_list: bool) -> list[PickedParticles]:
-    text = _read_text(p)
-    if _looks_like_star(text) or p.suffix.lower() == ".star":
+    text = read_text_file(p)
+    if looks_like_star(text) or p.suffix.lower() == ".star":
         return _read_star(p, allow_list=allow_list)
     if p.suffix.lower() == ".box":
         return [_read_box(p, text)]
     return [_read_plain(p, text)]
 
 
-def _read_text(p: Path, what: str = "coordinate file", content: str = "coordinates") -> str:
-    if not p.exists():
-        raise InputError(p, "file not found")
-    if p.is_dir():
-        raise InputError(p, f"is a directory, not a {what}")
-    raw = p.read_bytes()
-    if b"\x00" in raw[:4096]:
-        raise InputError(p, f"binary file, not a {what}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(p, f"not a text file (not UTF-8), not a {what}") from None
-    if not text.strip():
-        raise InputError(p, f"file is empty (no header, no {content})")
-    return text
-
-
-def _looks_like_star(text: str) -> bool:
-    """True when the first line that is not blank or a comment opens a STAR block."""
-    for line in text.splitlines():
-        s = line.strip()
-        if s and not s.startswith("#"):
-            return s.startswith("data_")
-    return False
-
-
 # --------------------------------------------------------------------------- STAR
-
-
-def _float_column(table: pd.DataFrame, label: str, path: Path) -> np.ndarray:
-    """A numeric column whose values may be ``nan``/``inf``; text is an error."""
-    col = table[label]
-    vals = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
-    nan = np.isnan(vals)
-    if nan.any():
-        # a NaN that was not written as "nan" came from text
-        written = col[nan].astype(str).str.strip().str.lower()
-        bad = ~written.isin(["nan", "-nan", "+nan"])
-        if bad.any():
-            r = int(np.flatnonzero(nan)[int(np.argmax(bad.to_numpy()))])
-            raise InputError(path, f"_{label} in row {r + 1} is '{col.iloc[r]}', not a number")
-    return vals
-
-
-def _star_tables(p: Path) -> dict[str, pd.DataFrame]:
-    blocks = _read_blocks(p)
-    tables = dict(_table_blocks(blocks))
-    for name, v in blocks.items():
-        # a one-row table written without loop_ comes back as a dict
-        if isinstance(v, dict) and v:
-            tables[name] = pd.DataFrame({k: [val] for k, val in v.items()})
-    return tables
 
 
 def _block_list(tables: dict[str, pd.DataFrame]) -> str:
@@ -180,7 +129,7 @@ def _block_list(tables: dict[str, pd.DataFrame]) -> str:
 
 
 def _read_star(p: Path, *, allow_list: bool) -> list[PickedParticles]:
-    tables = _star_tables(p)
+    tables = star_tables(p)
     listing = [k for k, v in tables.items() if "rlnMicrographCoordinates" in v.columns]
     if listing:
         if not allow_list:
@@ -198,9 +147,9 @@ def _read_star(p: Path, *, allow_list: bool) -> list[PickedParticles]:
                             f"(blocks: {_block_list(tables)})")
     name = "particles" if "particles" in with_xy else next(iter(with_xy))
     table = with_xy[name]
-    x = _column(table, "rlnCoordinateX", p)
-    y = _column(table, "rlnCoordinateY", p)
-    score = _float_column(table, _FOM_LABEL, p) if _FOM_LABEL in table.columns else np.full(len(x), np.nan)
+    x = column(table, "rlnCoordinateX", p)
+    y = column(table, "rlnCoordinateY", p)
+    score = float_column(table, _FOM_LABEL, p) if _FOM_LABEL in table.columns else np.full(len(x), np.nan)
 
     if "rlnMicrographName" not in table.columns:
         if "rlnImageName" in table.columns:

@@ -52,8 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from cistem_mpi.errors import InputError
-from cistem_mpi.io.coordinates import _float_column, _looks_like_star, _read_text, _star_tables
-from cistem_mpi.io.star import _column
+from cistem_mpi.io.star.common import column, float_column, looks_like_star, read_text_file, star_tables
 
 __all__ = ["CtfEstimate", "read_ctf_estimates", "write_relion_ctf_star"]
 
@@ -114,8 +113,8 @@ def read_ctf_estimates(path: str | os.PathLike) -> list[CtfEstimate]:
         ``_avrot`` file given instead.
     """
     p = Path(path)
-    text = _read_text(p, "CTF estimate file", "CTF estimates")
-    if _looks_like_star(text) or p.suffix.lower() == ".star":
+    text = read_text_file(p, "CTF estimate file", "CTF estimates")
+    if looks_like_star(text) or p.suffix.lower() == ".star":
         return _read_star(p)
     return _read_ctffind(p, text)
 
@@ -124,7 +123,7 @@ def read_ctf_estimates(path: str | os.PathLike) -> list[CtfEstimate]:
 
 
 def _read_star(p: Path) -> list[CtfEstimate]:
-    tables = {k: v for k, v in _star_tables(p).items() if k != "optics"}
+    tables = {k: v for k, v in star_tables(p).items() if k != "optics"}
     with_ctf = {k: v for k, v in tables.items() if {"rlnDefocusU", "rlnDefocusV"} & set(v.columns)}
     if not with_ctf:
         blocks = ", ".join(f"data_{k}" for k in tables) or "none"
@@ -142,15 +141,15 @@ def _read_star(p: Path) -> list[CtfEstimate]:
     if n == 0:
         raise InputError(p, f"no data rows in data_{name}")
     names = table["rlnMicrographName"].astype(str).tolist()
-    df1 = _column(table, "rlnDefocusU", p)
-    df2 = _column(table, "rlnDefocusV", p)
-    ang = _column(table, "rlnDefocusAngle", p)
+    df1 = column(table, "rlnDefocusU", p)
+    df2 = column(table, "rlnDefocusV", p)
+    ang = column(table, "rlnDefocusAngle", p)
     ang = np.zeros(n) if ang is None else ang
-    ph = _column(table, "rlnPhaseShift", p)
+    ph = column(table, "rlnPhaseShift", p)
     pshift = np.zeros(n) if ph is None else np.deg2rad(ph)
-    res = _float_column(table, "rlnCtfMaxResolution", p) if "rlnCtfMaxResolution" in table.columns \
+    res = float_column(table, "rlnCtfMaxResolution", p) if "rlnCtfMaxResolution" in table.columns \
         else np.full(n, np.nan)
-    fom = _float_column(table, "rlnCtfFigureOfMerit", p) if "rlnCtfFigureOfMerit" in table.columns \
+    fom = float_column(table, "rlnCtfFigureOfMerit", p) if "rlnCtfFigureOfMerit" in table.columns \
         else np.full(n, np.nan)
     return [CtfEstimate(names[i], float(df1[i]), float(df2[i]), float(ang[i]), float(pshift[i]),
                         float(res[i]), float(fom[i]), p) for i in range(n)]

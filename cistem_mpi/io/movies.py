@@ -33,7 +33,8 @@ import tifffile
 
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.eer import EER_COMPRESSIONS, EerMovie, write_eer, write_eer_events
-from cistem_mpi.io.mrc import MrcStackWriter, _check_exists, _header_of, _open, resolve_pixel_size
+from cistem_mpi.io.mrc import MrcStackWriter, check_exists, header_of, open_mrcfile, resolve_pixel_size
+from cistem_mpi.io.tiff_tags import SAMPLE_FORMAT, add_sample_format
 
 __all__ = [
     "Movie",
@@ -98,9 +99,9 @@ class MrcMovie(Movie):
     """MRC/MRCS movie, memory-mapped; frames in the stored dtype."""
 
     def __init__(self, path: str | os.PathLike, pixel_size: float | None = None):
-        self.path = _check_exists(path)
-        self._mrc = _open(self.path, mmap=True)
-        self.header = _header_of(self._mrc, self.path)
+        self.path = check_exists(path)
+        self._mrc = open_mrcfile(self.path, mmap=True)
+        self.header = header_of(self._mrc, self.path)
         data = self._mrc.data
         if data.ndim == 2:
             data = data[np.newaxis]
@@ -141,7 +142,7 @@ class TiffMovie(Movie):
     """
 
     def __init__(self, path: str | os.PathLike, pixel_size: float | None = None):
-        self.path = _check_exists(path)
+        self.path = check_exists(path)
         try:
             self._tif = tifffile.TiffFile(str(self.path))
         except (tifffile.TiffFileError, ValueError, OSError, struct.error) as exc:
@@ -281,7 +282,7 @@ def open_movie(
     InputError
         Missing, unknown-format, truncated or inconsistent file.
     """
-    p = _check_exists(path)
+    p = check_exists(path)
     ext = p.suffix.lower()
     if ext in (".mrc", ".mrcs", ".st"):
         return MrcMovie(p, pixel_size)
@@ -349,6 +350,9 @@ def write_tiff_movie(
                 tw.write(np.ascontiguousarray(f[::-1, :]), compression=compression, photometric="minisblack",
                          metadata=None, contiguous=False)
                 n += 1
+        if first.dtype.kind == "u":
+            # tifffile leaves the default (unsigned) SampleFormat out; cisTEM refuses pages without it
+            add_sample_format(tmp, SAMPLE_FORMAT["u"])
         os.replace(tmp, p)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -192,7 +192,19 @@ def _warn_anisotropic(hdr: "MrcHeader", user_value: float | None) -> None:
         )
 
 
-def _check_exists(path: str | os.PathLike) -> Path:
+def check_exists(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if it is an existing file (shared by the MRC and movie readers).
+
+    Raises
+    ------
+    InputError
+        Missing, or a directory.
+
+    >>> check_exists("/nonexistent.mrc")
+    Traceback (most recent call last):
+    ...
+    cistem_mpi.errors.InputError: /nonexistent.mrc: file not found
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(p, "file not found")
@@ -207,8 +219,25 @@ def _expected_data_bytes(h) -> int:
     return nx * ny * nz * dtype.itemsize
 
 
-def _open(path: Path, mmap: bool):
-    """Open with mrcfile, turning every failure into one InputError."""
+def open_mrcfile(path: Path, mmap: bool):
+    """Open with mrcfile (read-only, permissive), turning every failure into one InputError.
+
+    Parameters
+    ----------
+    path : Path
+    mmap : bool
+        Memory-map the data (not possible for ``.gz``, which is read whole).
+
+    Returns
+    -------
+    mrcfile.mrcfile.MrcFile
+        Open, with readable data; the caller closes it.
+
+    Raises
+    ------
+    InputError
+        Not an MRC file, unsupported mode, truncated data.
+    """
     gz = path.suffix.lower() == ".gz"
     opener = mrcfile.open if (gz or not mmap) else mrcfile.mmap
     with warnings.catch_warnings(record=True) as caught:
@@ -280,7 +309,8 @@ def _fei_values(mrc) -> dict:
     return out
 
 
-def _header_of(mrc, path: Path) -> MrcHeader:
+def header_of(mrc, path: Path) -> MrcHeader:
+    """The :class:`MrcHeader` of an open file (from :func:`open_mrcfile`); ``path`` names it in the header."""
     h = mrc.header
     vs = mrc.voxel_size
     nz, ny, nx = int(h.nz), int(h.ny), int(h.nx)
@@ -320,10 +350,10 @@ def read_mrc_header(path: str | os.PathLike) -> MrcHeader:
     InputError
         Missing, truncated or unreadable file.
     """
-    p = _check_exists(path)
-    mrc = _open(p, mmap=True)
+    p = check_exists(path)
+    mrc = open_mrcfile(p, mmap=True)
     try:
-        return _header_of(mrc, p)
+        return header_of(mrc, p)
     finally:
         mrc.close()
 
@@ -362,10 +392,10 @@ def read_mrc(path: str | os.PathLike, pixel_size: float | None = None) -> tuple[
     InputError
         Missing, truncated or unreadable file, or unsupported mode.
     """
-    p = _check_exists(path)
-    mrc = _open(p, mmap=True)
+    p = check_exists(path)
+    mrc = open_mrcfile(p, mmap=True)
     try:
-        hdr = _header_of(mrc, p)
+        hdr = header_of(mrc, p)
         data = np.asarray(mrc.data)
         if np.iscomplexobj(data):
             raise InputError(p, f"complex MRC (mode {hdr.mode}) is not an image or volume")
@@ -391,10 +421,10 @@ class ImageStack:
     """
 
     def __init__(self, path: str | os.PathLike, pixel_size: float | None = None, invert: bool = False):
-        self.path = _check_exists(path)
+        self.path = check_exists(path)
         self.invert = bool(invert)
-        self._mrc = _open(self.path, mmap=True)
-        self.header = _header_of(self._mrc, self.path)
+        self._mrc = open_mrcfile(self.path, mmap=True)
+        self.header = header_of(self._mrc, self.path)
         data = self._mrc.data
         if data.ndim == 2:
             data = data[np.newaxis]

@@ -10,7 +10,7 @@ Reconstruction (what a reconstruct/refine driver does)::
         ctf = ctf_2d_stack(N, ps, ...)                 # (n, N, N//2+1)
         insert_slices(data, weight, f, R, ctf=ctf)     # data += ctf*f, weight += ctf^2
     # (MPI: reduce-scatter data/weight along axis 0; each rank owns rows z0:z1)
-    ft = normalize_ft(data, weight, wiener=...)        # elementwise, works on any slab
+    ft = normalise_ft(data, weight, wiener=...)        # elementwise, works on any slab
     vol = ft_to_volume(ft, N, method="linear")         # inverse FFT, crop, grid-correct
 
 Array layout and z-slabs
@@ -41,10 +41,10 @@ from numba import njit
 
 from cistem_mpi.kernels import fft as _fft
 from cistem_mpi.kernels.interpolation import (
-    _locate, _ntaps, _taps, apodization_3d, method_code,
+    locate, n_taps, tap_weights, apodization_3d, method_code,
 )
 
-__all__ = ["new_accumulators", "insert_slices", "normalize_ft", "ft_to_volume",
+__all__ = ["new_accumulators", "insert_slices", "normalise_ft", "ft_to_volume",
            "reconstruct", "slab_bounds", "insert_slices_numpy"]
 
 
@@ -85,7 +85,7 @@ def _add(data, weight, z0, z1, zs, ys, xs, vr, vi, w):
 @njit(cache=True)
 def _insert(data, weight, z0, z1, p, fts, ctf, has_ctf, imgw, rot, scale, nimg, rmax2, method, mode):
     half = p // 2
-    nt = _ntaps(method)
+    nt = n_taps(method)
     wx = np.zeros(4)
     wy = np.zeros(4)
     wz = np.zeros(4)
@@ -123,9 +123,9 @@ def _insert(data, weight, z0, z1, p, fts, ctf, has_ctf, imgw, rot, scale, nimg, 
                     y = -y
                     z = -z
                     vi = -vi
-                bx = _taps(method, x, wx)
-                by = _taps(method, y, wy)
-                bz = _taps(method, z, wz)
+                bx = tap_weights(method, x, wx)
+                by = tap_weights(method, y, wy)
+                bz = tap_weights(method, z, wz)
                 for cz in range(nt):
                     for b in range(nt):
                         wzy = wz[cz] * wy[b]
@@ -135,7 +135,7 @@ def _insert(data, weight, z0, z1, p, fts, ctf, has_ctf, imgw, rot, scale, nimg, 
                             w = wzy * wx[a]
                             if w == 0.0:
                                 continue
-                            zs, ys, xs, cj = _locate(bx + a, by + b, bz + cz, p, half)
+                            zs, ys, xs, cj = locate(bx + a, by + b, bz + cz, p, half)
                             tr = w * vr
                             ti = -w * vi if cj else w * vi
                             _add(data, weight, z0, z1, zs, ys, xs, tr, ti, w * cw)
@@ -210,7 +210,7 @@ def insert_slices(data: np.ndarray, weight: np.ndarray, fts: np.ndarray, rotmats
             method_code(method), 1 if mode == "reconstruct" else 0)
 
 
-def normalize_ft(data: np.ndarray, weight: np.ndarray, wiener: float = 0.0,
+def normalise_ft(data: np.ndarray, weight: np.ndarray, wiener: float = 0.0,
                  min_weight: float = 1e-6) -> np.ndarray:
     """``data / (weight + wiener)``, zero where ``weight <= min_weight``.
 
@@ -254,7 +254,7 @@ def reconstruct(images: np.ndarray, rotmats: np.ndarray, ctf: np.ndarray | None 
     p = int(round(pad * nimg))
     data, weight = new_accumulators(p)
     insert_slices(data, weight, f, rotmats, ctf=ctf, method=method)
-    return ft_to_volume(normalize_ft(data, weight, wiener), nimg, method)
+    return ft_to_volume(normalise_ft(data, weight, wiener), nimg, method)
 
 
 def insert_slices_numpy(data: np.ndarray, weight: np.ndarray, fts: np.ndarray, rotmats: np.ndarray,

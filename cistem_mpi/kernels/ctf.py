@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cistem_mpi.errors import InputError
 from cistem_mpi.kernels.grids import fourier_grid_2d
 
 __all__ = [
@@ -180,6 +181,21 @@ class CTFParams:
     angast : float  (degrees)
     pshift : float  (radians)
     bfactor : float  (Å², envelope exp(-B g^2/4))
+
+    Raises
+    ------
+    InputError
+        Voltage <= 0, Cs < 0, amplitude contrast outside [0, 1), or any value NaN or infinite (every
+        problem in one message).
+
+    Examples
+    --------
+    >>> CTFParams(df1=20000, df2=18000).amplitude_contrast
+    0.07
+    >>> CTFParams(voltage=0.0, amplitude_contrast=1.5)
+    Traceback (most recent call last):
+    ...
+    cistem_mpi.errors.InputError: CTF parameters: voltage must be > 0 kV, got 0; amplitude contrast must be in [0, 1), got 1.5
     """
 
     voltage: float = 300.0
@@ -190,6 +206,21 @@ class CTFParams:
     angast: float = 0.0
     pshift: float = 0.0
     bfactor: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("voltage", "cs", "amplitude_contrast", "df1", "df2", "angast", "pshift", "bfactor"):
+            v = float(getattr(self, name))
+            if not np.isfinite(v):
+                problems.append(f"{name.replace('_', ' ')} must be a finite number, got {v}")
+        if np.isfinite(self.voltage) and not self.voltage > 0:
+            problems.append(f"voltage must be > 0 kV, got {self.voltage:g}")
+        if np.isfinite(self.cs) and self.cs < 0:
+            problems.append(f"Cs must be >= 0 mm, got {self.cs:g}")
+        if np.isfinite(self.amplitude_contrast) and not 0.0 <= self.amplitude_contrast < 1.0:
+            problems.append(f"amplitude contrast must be in [0, 1), got {self.amplitude_contrast:g}")
+        if problems:
+            raise InputError("CTF parameters", "; ".join(problems))
 
     def image(self, ny: int, pixel_size: float, half: bool = True) -> np.ndarray:
         """The CTF on an ``ny`` x ``ny`` Fourier grid (see :func:`ctf_2d`)."""

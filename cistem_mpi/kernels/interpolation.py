@@ -5,7 +5,7 @@ The 3D transform of a real, padded volume of size P is stored in the rfft half
 layout ``F[kz, ky, kx]``, shape ``(P, P, P//2 + 1)``: kx = 0..P//2, ky and kz
 in ``fftfreq`` order.  A value at any integer frequency (x, y, z) is found by
 periodic reduction of x into ``[-P/2, P/2)`` and, for x < 0, Friedel symmetry
-``F(-k) = conj F(k)`` -- :func:`_locate`.
+``F(-k) = conj F(k)`` -- :func:`locate`.
 
 Methods (``method`` argument everywhere):
 
@@ -26,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["METHODS", "method_code", "apodization_1d", "apodization_3d", "kernel_1d"]
+__all__ = ["METHODS", "method_code", "apodization_1d", "apodization_3d", "kernel_1d", "tap_weights", "n_taps",
+           "locate"]
 
 METHODS = {"nearest": 0, "linear": 1, "cubic": 2}
 
@@ -86,12 +87,30 @@ def apodization_3d(n: int, padded_size: int, method: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
-# numba helpers (shared by projection and backprojection)
+# numba helpers shared by projection and backprojection (public: inlined into their loops)
 # --------------------------------------------------------------------------
 
 @njit(cache=True, inline="always")
-def _taps(method: int, t: float, w: np.ndarray) -> int:
-    """Fill w with tap weights for coordinate t; return the first tap index."""
+def tap_weights(method: int, t: float, w: np.ndarray) -> int:
+    """Fill ``w`` with the tap weights of coordinate ``t``; return the first tap index.
+
+    Parameters
+    ----------
+    method : int
+        :func:`method_code` of the interpolation (0 nearest, 1 linear, 2 cubic).
+    t : float
+        Coordinate along one axis (grid units).
+    w : numpy.ndarray
+        At least :func:`n_taps` floats; overwritten.
+
+    Returns
+    -------
+    int
+        Index of the first tap; tap ``i`` sits at ``first + i`` with weight ``w[i]``.
+
+    >>> w = np.zeros(4); tap_weights(1, 2.25, w), w[:2].tolist()
+    (2, [0.75, 0.25])
+    """
     if method == 1:
         b = np.floor(t)
         f = t - b
@@ -118,7 +137,12 @@ def _taps(method: int, t: float, w: np.ndarray) -> int:
 
 
 @njit(cache=True, inline="always")
-def _ntaps(method: int) -> int:
+def n_taps(method: int) -> int:
+    """Taps per axis of :func:`method_code` ``method`` (1, 2 or 4).
+
+    >>> n_taps(2)
+    4
+    """
     if method == 0:
         return 1
     if method == 1:
@@ -127,8 +151,25 @@ def _ntaps(method: int) -> int:
 
 
 @njit(cache=True, inline="always")
-def _locate(x: int, y: int, z: int, p: int, half: int):
+def locate(x: int, y: int, z: int, p: int, half: int):
     """Stored (z, y, x) index of integer frequency (x, y, z) and a conj flag.
+
+    Parameters
+    ----------
+    x, y, z : int
+        Integer frequency on the padded grid of edge ``p``.
+    p : int
+        Padded grid size.
+    half : int
+        ``p // 2``.
+
+    Returns
+    -------
+    (int, int, int, bool)
+        Index ``(z, y, x)`` into the half-stored array and whether the value there must be conjugated.
+
+    >>> locate(-1, 2, 0, 8, 4)
+    (0, 6, 1, True)
 
     ``half`` is ``p // 2``.  x is reduced periodically into [-half, p-half);
     negative x is mapped through Friedel symmetry.

@@ -13,7 +13,7 @@ import numpy as np
 
 from cistem_mpi.kernels.grids import radius_2d, radius_3d
 
-__all__ = ["cosine_edge", "sphere_mask", "circle_mask", "cylinder_mask", "apply_mask"]
+__all__ = ["cosine_edge", "sphere_mask", "circle_mask", "cylinder_mask", "apply_mask", "enclosing_sphere"]
 
 
 def cosine_edge(r: np.ndarray, radius: float, edge: float) -> np.ndarray:
@@ -75,3 +75,64 @@ def apply_mask(data: np.ndarray, mask: np.ndarray, fill: str | float = 0.0) -> n
     else:
         value = float(fill)
     return (data * mask + np.float32(value) * (1.0 - mask)).astype(np.float32)
+
+
+def enclosing_sphere(mask: np.ndarray, pixel_size: float,
+                     level: float = 0.5) -> tuple[tuple[float, float, float], float]:
+    """The focus sphere of a 3D mask: its centre of mass and the radius that encloses it.
+
+    * centre: the centre of mass of the mask values (negative values count as 0), in Å from the
+      first voxel, ``(x, y, z)`` -- voxel ``[z, y, x]`` sits at ``(x, y, z) * pixel_size`` (cisTEM's
+      ``--focus-centre`` convention);
+    * radius: the distance from that centre to the farthest voxel centre whose value is at least
+      ``level`` times the mask's maximum, in Å.  For cisTEM's soft masks (0..1 with
+      a cosine edge centred on the nominal radius, :func:`sphere_mask`) the 0.5 level is the nominal
+      surface, so a spherical mask gives its own radius and any other shape the smallest sphere about
+      its centre of mass that covers it.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        ``(nz, ny, nx)`` mask values (any scale; finite).
+    pixel_size : float
+        Å per voxel.
+    level : float
+        Fraction of the maximum above which a voxel is inside the mask (0 < level <= 1).
+
+    Returns
+    -------
+    centre : tuple of 3 floats
+        ``(x, y, z)`` in Å from the first voxel.
+    radius : float
+        Å.
+
+    Raises
+    ------
+    ValueError
+        Not a 3D array, non-finite values, or no positive value (an empty mask).
+
+    >>> m = sphere_mask(32, 5.0, center=(16, 12, 20))  # (z, y, x) = (16, 12, 20) voxels
+    >>> c, r = enclosing_sphere(m, 2.0)
+    >>> [round(v, 1) for v in c], round(r, 1)
+    ([40.0, 24.0, 32.0], 10.0)
+    """
+    m = np.asarray(mask)
+    if m.ndim != 3:
+        raise ValueError(f"a 3D mask is needed, got shape {m.shape}")
+    if not (0.0 < level <= 1.0):
+        raise ValueError(f"level must be in (0, 1], got {level}")
+    if not np.isfinite(m).all():
+        raise ValueError("the mask contains NaN or infinite values")
+    w = np.clip(m.astype(np.float64), 0.0, None)
+    total = float(w.sum())
+    if total <= 0.0:
+        raise ValueError("the mask is empty (no positive value)")
+    nz, ny, nx = m.shape
+    # marginal sums: the centre of mass without index grids the size of the map
+    cz = float(np.dot(w.sum(axis=(1, 2)), np.arange(nz))) / total
+    cy = float(np.dot(w.sum(axis=(0, 2)), np.arange(ny))) / total
+    cx = float(np.dot(w.sum(axis=(0, 1)), np.arange(nx))) / total
+    z, y, x = np.nonzero(w >= level * float(w.max()))
+    d2 = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2
+    radius = float(np.sqrt(d2.max())) * pixel_size
+    return (cx * pixel_size, cy * pixel_size, cz * pixel_size), radius

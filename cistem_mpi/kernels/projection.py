@@ -31,7 +31,7 @@ from numba import njit
 
 from cistem_mpi.kernels import fft as _fft
 from cistem_mpi.kernels.interpolation import (
-    _locate, _ntaps, _taps, apodization_3d, method_code,
+    locate, n_taps, tap_weights, apodization_3d, method_code,
 )
 
 __all__ = ["VolumeFT", "prepare_volume_ft", "padded_size", "extract_slices", "project",
@@ -109,7 +109,7 @@ def prepare_volume_ft(volume: np.ndarray, pad: float = 2.0, method: str = "linea
 @njit(cache=True)
 def _extract(vf, p, rot, scale, nimg, rmax2, method, out):
     half = p // 2
-    nt = _ntaps(method)
+    nt = n_taps(method)
     wx = np.zeros(4)
     wy = np.zeros(4)
     wz = np.zeros(4)
@@ -136,9 +136,9 @@ def _extract(vf, p, rot, scale, nimg, rmax2, method, out):
                     y = -y
                     z = -z
                     flip = True
-                bx = _taps(method, x, wx)
-                by = _taps(method, y, wy)
-                bz = _taps(method, z, wz)
+                bx = tap_weights(method, x, wx)
+                by = tap_weights(method, y, wy)
+                bz = tap_weights(method, z, wz)
                 acc_r = 0.0
                 acc_i = 0.0
                 for c in range(nt):
@@ -150,7 +150,7 @@ def _extract(vf, p, rot, scale, nimg, rmax2, method, out):
                             w = wzy * wx[a]
                             if w == 0.0:
                                 continue
-                            zs, ys, xs, cj = _locate(bx + a, by + b, bz + c, p, half)
+                            zs, ys, xs, cj = locate(bx + a, by + b, bz + c, p, half)
                             v = vf[zs, ys, xs]
                             acc_r += w * v.real
                             if cj:

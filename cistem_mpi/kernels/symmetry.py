@@ -25,15 +25,24 @@ __all__ = ["symmetry_matrices", "parse_symmetry", "group_order", "expand_rotatio
 _PHI = (1.0 + 5.0 ** 0.5) / 2.0
 
 
-def _axis_rotation(axis: np.ndarray, angle_rad: float) -> np.ndarray:
+def axis_rotation(axis: np.ndarray, angle_rad: float) -> np.ndarray:
+    """Rotation by ``angle_rad`` about ``axis`` (Rodrigues' formula), a 3x3 matrix.
+
+    >>> np.round(axis_rotation([0, 0, 1], np.pi / 2) @ [1.0, 0.0, 0.0], 6).tolist()
+    [0.0, 1.0, 0.0]
+    """
     a = np.asarray(axis, dtype=np.float64)
     a = a / np.linalg.norm(a)
     k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
     return np.eye(3) + np.sin(angle_rad) * k + (1 - np.cos(angle_rad)) * (k @ k)
 
 
-def _close(generators: list[np.ndarray], limit: int = 200) -> np.ndarray:
-    """All products of the generators (a finite group), identity first."""
+def close_group(generators: list[np.ndarray], limit: int = 200) -> np.ndarray:
+    """All products of the generators (a finite group), identity first.
+
+    >>> len(close_group([axis_rotation([0, 0, 1], np.pi / 2)]))
+    4
+    """
     elems = [np.eye(3)]
     frontier = [np.eye(3)]
     while frontier:
@@ -73,22 +82,22 @@ def symmetry_matrices(symbol: str) -> np.ndarray:
     kind, n = parse_symmetry(symbol)
     if kind == "C":
         ang = 2 * np.pi * np.arange(n) / n
-        return np.array([_axis_rotation([0, 0, 1], a) for a in ang]) if n > 1 else np.eye(3)[None]
+        return np.array([axis_rotation([0, 0, 1], a) for a in ang]) if n > 1 else np.eye(3)[None]
     if kind == "D":
-        cn = [_axis_rotation([0, 0, 1], 2 * np.pi * i / n) for i in range(n)]
-        two = _axis_rotation([1, 0, 0], np.pi)
+        cn = [axis_rotation([0, 0, 1], 2 * np.pi * i / n) for i in range(n)]
+        two = axis_rotation([1, 0, 0], np.pi)
         out = np.array(cn + [c @ two for c in cn])
         out[np.abs(out) < 1e-12] = 0.0
         return out
-    two_x = _axis_rotation([1, 0, 0], np.pi)
-    two_z = _axis_rotation([0, 0, 1], np.pi)
-    three = _axis_rotation([1, 1, 1], 2 * np.pi / 3)
+    two_x = axis_rotation([1, 0, 0], np.pi)
+    two_z = axis_rotation([0, 0, 1], np.pi)
+    three = axis_rotation([1, 1, 1], 2 * np.pi / 3)
     if kind == "T":
-        return _close([two_x, two_z, three])
+        return close_group([two_x, two_z, three])
     if kind == "O":
-        return _close([_axis_rotation([0, 0, 1], np.pi / 2), _axis_rotation([1, 0, 0], np.pi / 2)])
-    five = _axis_rotation([0, 1, _PHI], 2 * np.pi / 5)
-    return _close([two_x, two_z, three, five])
+        return close_group([axis_rotation([0, 0, 1], np.pi / 2), axis_rotation([1, 0, 0], np.pi / 2)])
+    five = axis_rotation([0, 1, _PHI], 2 * np.pi / 5)
+    return close_group([two_x, two_z, three, five])
 
 
 def group_order(symbol: str) -> int:

@@ -23,7 +23,7 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from cistem_mpi.drivers.runtime.world import FailureInfo, World, _one_line, install_sigterm_handler
+from cistem_mpi.drivers.runtime.world import FailureInfo, World, install_sigterm_handler, one_line
 from cistem_mpi.errors import CistemError, JobFailed
 
 
@@ -101,7 +101,7 @@ def guarded(
                     assert info is not None
                     raise _mark_handled(JobFailed(info.line())) from exc
             elif not isinstance(exc, JobFailed):
-                raise _mark_handled(JobFailed(f"rank {world.rank} on {world.host}: {_one_line(exc)}")) from exc
+                raise _mark_handled(JobFailed(f"rank {world.rank} on {world.host}: {one_line(exc)}")) from exc
         raise
     finally:
         if handler is not None and handler.previous is not None:

@@ -27,7 +27,7 @@ import math
 import time
 from typing import Any, Callable, Sequence
 
-from cistem_mpi.drivers.runtime.world import World, _Backoff
+from cistem_mpi.drivers.runtime.world import Backoff, World
 
 ProgressFn = Callable[[int, int], Any]
 
@@ -240,14 +240,14 @@ def _run_controller(world, tag, n, payload, chunk_size, min_chunk, max_chunk, pr
     st = MPI.Status()
     if progress:
         progress(0, n)
-    backoff = _Backoff()
+    backoff = Backoff()
     while active:
         msg = comm.improbe(MPI.ANY_SOURCE, req_tag, st)
         if msg is None:
             world.check()
             backoff.pause()
             continue
-        backoff = _Backoff()
+        backoff = Backoff()
         src = st.Get_source()
         kind, start, res = msg.recv()
         if res is not None:

@@ -138,8 +138,21 @@ class FailureInfo:
         return f"rank {self.rank} on {self.host}: {self.message}"
 
 
-def _one_line(exc: BaseException) -> str:
-    """The user-facing one-line message of an exception."""
+def one_line(exc: BaseException) -> str:
+    """The user-facing one-line message of an exception (job records, logs, the failure report).
+
+    Parameters
+    ----------
+    exc : BaseException
+
+    Returns
+    -------
+    str
+        A CistemError's own text; otherwise ``Type: first line``.
+
+    >>> one_line(ValueError("bad value\\nmore detail"))
+    'ValueError: bad value'
+    """
     if isinstance(exc, CistemError):
         return str(exc)
     if isinstance(exc, KeyboardInterrupt):
@@ -148,8 +161,10 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-class _Backoff:
-    """Poll pacing: spin briefly (low latency), then sleep longer and longer.
+class Backoff:
+    """Poll pacing: spin briefly (low latency), then sleep longer and longer (shared by every polling loop).
+
+    Create one per wait and call :meth:`pause` between polls.
 
     Sleeping matters on oversubscribed nodes (8 ranks on 2 cores): a rank
     that spins while waiting steals the CPU its peers need.  The sleep grows
@@ -305,7 +320,7 @@ class World:
         mpi4py object requests (``isend``); returns what ``req.test()`` gives
         for object requests, else None.
         """
-        backoff = _Backoff()
+        backoff = Backoff()
         while True:
             done, value = req.test()
             if done:
@@ -322,7 +337,7 @@ class World:
         """Receive a pickled object (any size) from ``source``; returns (obj, source)."""
         from mpi4py import MPI
 
-        backoff = _Backoff()
+        backoff = Backoff()
         st = MPI.Status()
         while True:
             msg = self.comm.improbe(source, tag, st)
@@ -391,13 +406,13 @@ class World:
             self.wait(self.comm.isend(None, dest=0, tag=TAG_BYE))
             return
         st = MPI.Status()
-        backoff = _Backoff()
+        backoff = Backoff()
         while len(self._finished) < self.size - 1:
             msg = self.comm.improbe(MPI.ANY_SOURCE, TAG_BYE, st)
             if msg is not None:
                 msg.recv()
                 self._finished.add(st.Get_source())
-                backoff = _Backoff()
+                backoff = Backoff()
                 continue
             self.check()
             backoff.pause()
@@ -417,7 +432,7 @@ class World:
         """
         if self.size == 1:
             rank, host = 0, self.host
-            info = FailureInfo(rank, host, _one_line(exc), type(exc).__name__, _format_tb(exc))
+            info = FailureInfo(rank, host, one_line(exc), type(exc).__name__, _format_tb(exc))
             self.failure = info
             return info
         if self.rank == 0:
@@ -428,12 +443,12 @@ class World:
     def _worker_fail(self, exc: BaseException) -> None:
         comm = self.comm
         if not isinstance(exc, Stopped):
-            report = (self.rank, self.host, _one_line(exc), type(exc).__name__, _format_tb(exc))
+            report = (self.rank, self.host, one_line(exc), type(exc).__name__, _format_tb(exc))
             req = comm.isend(report, dest=0, tag=TAG_ERROR)
             # SIGTERM means the launcher is ending the whole job anyway: do not linger.
             terminated = isinstance(exc, Terminated)
             deadline = time.monotonic() + (min(WORKER_WAIT, 3.0) if terminated else WORKER_WAIT)
-            backoff = _Backoff()
+            backoff = Backoff()
             while True:
                 msg = comm.improbe(0, TAG_STOP)
                 if msg is not None:
@@ -463,7 +478,7 @@ class World:
         if isinstance(exc, WorkerFailed):
             info = FailureInfo(exc.rank, exc.host, exc.message, exc.exc_type, exc.tb)
         else:
-            info = FailureInfo(0, self.host, _one_line(exc), type(exc).__name__, _format_tb(exc))
+            info = FailureInfo(0, self.host, one_line(exc), type(exc).__name__, _format_tb(exc))
         pending = set(range(1, self.size)) - self._finished
         sends = []
         if not self._stop_sent:
@@ -474,7 +489,7 @@ class World:
         # After SIGTERM (scancel, time limit) the launcher kills every rank soon: record quickly.
         grace = min(STOP_GRACE, 2.0) if isinstance(exc, Terminated) else STOP_GRACE
         deadline = time.monotonic() + grace
-        backoff = _Backoff()
+        backoff = Backoff()
         # A worker is accounted for once it acknowledged the stop or said BYE
         # (it finished before the stop reached it).  Error reports of other
         # workers are drained so that they do not linger.
@@ -494,7 +509,7 @@ class World:
                 else:
                     self._errors.append(WorkerFailed(*payload))
             if got:
-                backoff = _Backoff()
+                backoff = Backoff()
             else:
                 backoff.pause()
         for s in sends:

@@ -1,0 +1,23 @@
+"""Helpers shared by the Slurm tests (test_slurm, test_openmpi)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+
+def wait_for_job(job_id: str, env: dict, timeout: float) -> str:
+    """Poll ``scontrol show job`` until the job ends (faster than ``sbatch --wait``); its final state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=30).stdout
+        state = out.split("JobState=", 1)[1].split()[0] if "JobState=" in out else ""
+        if state and state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+            return state
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], env={**os.environ, **env}, capture_output=True, timeout=30)
+    pytest.fail(f"Slurm job {job_id} did not end within {timeout} s")

@@ -1,0 +1,88 @@
+"""kernels.reconstruct3d against slow, obvious references (issue #10: the inserter and finishing step as kernels)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cistem_mpi.io.params import empty_params
+from cistem_mpi.kernels import backprojection as bp
+from cistem_mpi.kernels import reconstruct3d as r3
+from cistem_mpi.kernels import reconstruction as rec
+from cistem_mpi.kernels.ctf import ctf_2d
+from cistem_mpi.kernels.euler import rotation_matrix
+from cistem_mpi.kernels.fft import ft2
+from cistem_mpi.kernels.symmetry import symmetry_matrices
+
+
+def _particles(n_img=6, n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    p = empty_params(n_img)
+    p["phi"], p["theta"], p["psi"] = rng.uniform(0, 360, n_img), rng.uniform(0, 180, n_img), rng.uniform(0, 360, n_img)
+    p["shx"], p["shy"] = rng.uniform(-3, 3, n_img), rng.uniform(-3, 3, n_img)
+    p["df1"], p["df2"], p["angast"] = rng.uniform(9000, 20000, n_img), rng.uniform(9000, 20000, n_img), 40.0
+    p["occ"] = rng.uniform(20, 100, n_img)
+    return rng.normal(size=(n_img, n, n)).astype(np.float32) + 3.0, p
+
+
+def test_insert_particles_is_the_obvious_per_image_insertion():
+    images, p = _particles()
+    n, ps, half = images.shape[-1], 2.5, np.array([1, 2, 1, 1, 2, 2])
+    sym = symmetry_matrices("C2")
+    acc = bp.new_accumulators(24) + bp.new_accumulators(24)
+    # below Nyquist: insert_slices splits the Nyquist column between +N/2 and -N/2, the reference does not
+    r3.insert_particles(acc, images, p, half, ps, (300.0, 2.7, 0.07), sym, max_radius=n // 2 - 1)
+    ref = bp.new_accumulators(24) + bp.new_accumulators(24)
+    for i in range(len(images)):
+        img = (images[i] - images[i].mean()) / images[i].std()
+        # the shift undone by hand: multiply by exp(+2 pi i k.s / N) on the centred half grid
+        ky = np.fft.fftfreq(n)[:, None]
+        kx = np.fft.rfftfreq(n)[None, :]
+        f = ft2(img.astype(np.float32)) * np.exp(2j * np.pi * (kx * p["shx"][i] + ky * p["shy"][i]) / ps)
+        c = ctf_2d(n, ps, 300.0, 2.7, 0.07, p["df1"][i], p["df2"][i], p["angast"][i], p["pshift"][i])
+        r = rotation_matrix(p["phi"][i], p["theta"][i], p["psi"][i]).reshape(3, 3)
+        d, w = (ref[0], ref[1]) if half[i] == 1 else (ref[2], ref[3])
+        w_occ = p["occ"][i] / 100.0
+        for s in sym:
+            # data += g c F and weight += g c^2: sqrt(g) on both image and CTF
+            bp.insert_slices_numpy(d, w, (np.sqrt(w_occ) * f)[None], (s @ r)[None], ctf=np.sqrt(w_occ) * c[None],
+                                   max_radius=n // 2 - 1)
+    for got, want in zip(acc, ref):
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 2e-4 * scale
+
+
+def test_wiener_normalise_equals_the_jobs_slab_algorithm():
+    """The one-process form gives what the job gives with its z-slabs and summed shell sums."""
+    images, p = _particles(30, 12, seed=1)
+    acc = bp.new_accumulators(24) + bp.new_accumulators(24)
+    r3.insert_particles(acc, images, p, rec.half_sets(np.arange(1, 31)), 2.5, (300.0, 2.7, 0.07), np.eye(3)[None])
+    g1, g2, gf, fsc = r3.wiener_normalise(*acc, 12, nominator=0.5)
+    cut = 10  # two slabs, 0:10 and 10:24, as two ranks hold them
+    slabs = [tuple(a[z0:z1] for a in acc) for z0, z1 in ((0, cut), (cut, 24))]
+    reg_half = np.zeros(7)
+    for it in range(r3.WIENER_ITERATIONS + 1):
+        sums = sum(rec.slab_shell_sums(*s, z0, 24, 12, reg_half, reg_half) for s, z0 in zip(slabs, (0, cut)))
+        if it == 0:
+            reg_half = 0.5 * (sums[3] + sums[4]) / np.maximum(sums[5], 1.0)
+            continue
+        f = rec.fsc_from_sums(sums)
+        reg_half, reg_full = rec.wiener_regularisers(sums, f)
+    want_f = np.concatenate([rec.normalise_slab(s[0] + s[2], s[1] + s[3], z0, 24, 12, 0.5 * reg_full)
+                             for s, z0 in zip(slabs, (0, cut))])
+    want_1 = np.concatenate([rec.normalise_slab(s[0], s[1], z0, 24, 12, reg_half) for s, z0 in zip(slabs, (0, cut))])
+    np.testing.assert_allclose(fsc, f, rtol=1e-6)
+    assert np.abs(gf - want_f).max() <= 1e-5 * np.abs(want_f).max()
+    assert np.abs(g1 - want_1).max() <= 1e-5 * np.abs(want_1).max()
+
+
+def test_finish_maps_half_maps_fsc_and_sharpening():
+    images, p = _particles(40, 12, seed=2)
+    acc = bp.new_accumulators(24) + bp.new_accumulators(24)
+    r3.insert_particles(acc, images, p, rec.half_sets(np.arange(1, 41)), 2.5, (300.0, 2.7, 0.07), np.eye(3)[None])
+    g1, g2, gf, _ = r3.wiener_normalise(*acc, 12)
+    m = r3.finish_maps(g1, g2, gf, 12, 2.5, bfactor=50.0, mask_radius=10.0)
+    np.testing.assert_array_equal(m.half1, bp.ft_to_volume(g1, 12))
+    np.testing.assert_array_equal(m.volume, bp.ft_to_volume(gf, 12))
+    assert m.bfactor == 50.0 and m.fsc is not m.fsc_unmasked
+    np.testing.assert_array_equal(m.sharpened, rec.sharpen(m.volume, 2.5, 50.0, m.resolution))
+    assert np.allclose(m.frequency, np.arange(7) / (12 * 2.5))
