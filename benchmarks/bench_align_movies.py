@@ -61,7 +61,7 @@ def _make_movie(d: Path, size: int, n: int):
 
 def _options(full_frame_only: bool) -> dict:
     return {"min_shift": 2.0, "max_shift": 80.0, "bfactor": 1500.0, "termination": 1.0, "max_iterations": 20,
-            "mask_cross": True, "cross_half_width": (1, 1), "smoothing_window": None, "smoothing": "whittaker",
+            "mask_cross": True, "cross_half_width": (1, 1), "smoothing_window": None, "smoothing": "whittaker", "final_filter": "auto",
             "patches": None if full_frame_only else (5, 5), "full_frame_only": full_frame_only,
             "pre_exposure": 0.0, "dose_weighting": True, "restore_power": True, "output_binning": 1.0,
             "gain_rotate": 0, "gain_flip": "none", "dark": None, "defects": None, "outlier_sigma": 12.0,

@@ -59,6 +59,7 @@ def _unblur() -> Path | None:
     return exe if exe is not None and exe.is_file() else None
 
 
+@pytest.mark.interop  # a peer program reading our file: make test-interop, with CISTEM_BIN set
 @pytest.mark.skipif(_unblur() is None, reason="cisTEM's unblur not available (set CISTEM_BIN)")
 def test_cistem_unblur_reads_our_lzw_tiff(tmp_path):
     frames = np.random.default_rng(2).poisson(1.0, (6, 256, 256)).astype(np.uint8)

@@ -263,3 +263,68 @@ def test_summer_full_frame_equals_shift_and_sum_reference():
         ss += q.astype(np.float64) ** 2
     assert np.allclose(unw, np.fft.irfft2(ref_u, (24, 20)), atol=1e-4)
     assert np.allclose(wtd, np.fft.irfft2(ref_w / np.sqrt(ss), (24, 20)), atol=1e-4)
+
+
+# ------------------------------------------------------------------ measured-SSNR filter of the last stage
+def _ssnr_filter_slow(stack, ny, nx, smooth=5):
+    """Ring by ring with explicit loops: FRC of even/odd sums -> per-frame SSNR -> reference Wiener factor."""
+    n = stack.shape[0]
+    even, odd = stack[0::2].sum(0), stack[1::2].sum(0)
+    nb = min(ny, nx) // 2
+    num, pe, po = np.zeros(nb + 1), np.zeros(nb + 1), np.zeros(nb + 1)
+    ring = np.zeros((ny, nx // 2 + 1), int)
+    for y in range(ny):
+        fy = (y if y <= ny // 2 else y - ny) / ny
+        for x in range(nx // 2 + 1):
+            k = np.float32(np.sqrt(np.float32(fy) ** 2 + np.float32(x / nx) ** 2))
+            r = min(int(k * 2 * nb), nb)
+            ring[y, x] = r
+            num[r] += (even[y, x] * np.conj(odd[y, x])).real
+            pe[r] += abs(even[y, x]) ** 2
+            po[r] += abs(odd[y, x]) ** 2
+    frc = num / np.sqrt(pe * po)
+    frc = np.convolve(frc, np.ones(smooth) / smooth, mode="same").clip(0, 0.999)
+    s = frc / (1 - frc) / (n / 2)
+    w = (n - 1) * s / (1 + (n - 1) * s)
+    out = w[ring]
+    out[0, :] = 0.0   # the central cross: ky = 0 row and kx = 0 column
+    out[:, 0] = 0.0
+    return out
+
+
+def test_ssnr_filter_matches_the_ring_by_ring_reference_and_the_known_ssnr():
+    from cistem_mpi.kernels.motion import ssnr_filter
+
+    rng = np.random.default_rng(4)
+    ny, nx, n = 128, 120, 10
+    # signal with per-frame SSNR 3 below 0.25 cycles/px and none above, plus white noise
+    k2 = np.fft.fftfreq(ny)[:, None] ** 2 + np.fft.rfftfreq(nx)[None, :] ** 2
+    envelope = np.where(k2 < 0.25 ** 2, 3.0, 0.0)
+    sig = np.fft.rfft2(rng.standard_normal((ny, nx))) * np.sqrt(envelope)
+    stack = np.stack([sig + np.fft.rfft2(rng.standard_normal((ny, nx))) for _ in range(n)]).astype(np.complex64)
+    got = ssnr_filter(stack, ny, nx)
+    want = _ssnr_filter_slow(stack, ny, nx)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # per-frame SSNR 3 -> (9 x 3) / (1 + 27) = 0.96 where there is signal; ~0 where there is none
+    ring = np.sqrt(k2)
+    assert 0.9 < np.median(got[(ring > 0.05) & (ring < 0.2)]) < 0.99
+    assert np.median(got[ring > 0.32]) < 0.2
+
+
+def test_final_stage_off_reproduces_unblur_rounds_only():
+    from cistem_mpi.kernels.motion import AlignmentSettings, MovieAligner
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((64, 64)).astype(np.float32)
+    frames = [np.roll(base, (k, 2 * k), axis=(0, 1)) + 0.5 * rng.standard_normal((64, 64)).astype(np.float32)
+              for k in range(6)]
+    out = {}
+    for mode in ("none", "ssnr"):
+        al = MovieAligner((64, 64), 6, 5.0, 1.0, AlignmentSettings(final_filter=mode))
+        for i, f in enumerate(frames):
+            al.add(i, f)
+        out[mode] = al.align()
+    truth = -np.array([[2 * k, k] for k in range(6)], float)
+    truth -= truth[3]
+    for mode in out:  # both find the shifts; the polish moves them by far less than a pixel
+        assert np.abs(out[mode] - truth).max() < 0.3, (mode, out[mode])

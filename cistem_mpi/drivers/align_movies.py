@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--smoothing", choices=("whittaker", "savitzky-golay"), default="whittaker",
                    help="trajectory smoother: penalised with GCV (default) or unblur's Savitzky-Golay")
     g.add_argument("--smoothing-window", type=int, help="Savitzky-Golay window, frames (default round(5/dose), >= 5)")
+    g.add_argument("--final-filter", choices=("auto", "ssnr", "none"), default="auto",
+                   help="last stage after unblur's rounds, the correlation weighted by the measured SSNR of the "
+                        "frames: ssnr, none (unblur's rounds only), or auto (default: ssnr below 2 e/Å^2 per frame)")
     g.add_argument("--patches", type=int, nargs=2, metavar=("COLS", "ROWS"),
                    help="patch grid for local motion (default 5 5 for movies of 2k or more)")
     g.add_argument("--full-frame-only", action="store_true", help="no local (patch) motion")
@@ -226,7 +229,7 @@ def plan(project, args: argparse.Namespace) -> ItemPlan:
         "min_shift": args.min_shift, "max_shift": args.max_shift, "bfactor": args.bfactor,
         "termination": args.termination, "max_iterations": args.max_iterations,
         "mask_cross": not args.no_mask_cross, "cross_half_width": tuple(args.cross_half_width),
-        "smoothing_window": args.smoothing_window, "smoothing": args.smoothing, "patches": tuple(args.patches) if args.patches else None,
+        "smoothing_window": args.smoothing_window, "smoothing": args.smoothing, "final_filter": args.final_filter, "patches": tuple(args.patches) if args.patches else None,
         "full_frame_only": bool(args.full_frame_only), "pre_exposure": args.pre_exposure,
         "dose_weighting": dose_weight, "restore_power": not args.no_restore_power,
         "output_binning": float(args.output_binning), "gain_rotate": args.gain_rotate, "gain_flip": args.gain_flip,
@@ -321,7 +324,8 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
             termination=options["termination"], max_iterations=options["max_iterations"],
             mask_cross=options["mask_cross"], vertical_half_width=options["cross_half_width"][0],
             horizontal_half_width=options["cross_half_width"][1], smoothing_window=options["smoothing_window"],
-            smoothing=options["smoothing"], patches=patches)
+            smoothing=options["smoothing"], patches=patches,
+            final_filter=options.get("final_filter", "none"))  # jobs recorded before the option: as they ran
 
         def frames():
             for i in range(n):
@@ -375,7 +379,8 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
     spectrum = tiled_power_spectrum(unweighted, box)
     write_mrc(stage(out["spectrum"]), spectrum.astype(np.float32), out_ps)
     header = {"movie": path.name, "frames": n, "exposure_per_frame": dose, "pre_exposure": options["pre_exposure"],
-              "iterations": ",".join(str(k) for k in aligner.iterations)}
+              "iterations": ",".join(str(k) for k in aligner.iterations),
+              "final_filter": aligner.final_filter_used}
     pc = ps_ = coeffs = None
     if model is not None:
         pc, ps_, coeffs = aligner.patch_centres, aligner.patch_shifts, model.coeffs

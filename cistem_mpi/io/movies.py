@@ -20,8 +20,6 @@ imagecodecs), :func:`write_mrc_movie` and, for EER, :func:`write_eer`
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import struct
 import warnings
@@ -32,8 +30,8 @@ import numpy as np
 import tifffile
 
 from cistem_mpi.errors import InputError
-from cistem_mpi.io.eer import EER_COMPRESSIONS, EerMovie, write_eer, write_eer_events
-from cistem_mpi.io.mrc import MrcStackWriter, check_exists, header_of, open_mrcfile, resolve_pixel_size
+from cistem_mpi.io.eer import EER_COMPRESSIONS, EerMovie, tifffile_problems, write_eer, write_eer_events
+from cistem_mpi.io.mrc import MrcStackWriter, check_exists, map_stack, resolve_pixel_size
 from cistem_mpi.io.tiff_tags import SAMPLE_FORMAT, add_sample_format
 
 __all__ = [
@@ -99,16 +97,7 @@ class MrcMovie(Movie):
     """MRC/MRCS movie, memory-mapped; frames in the stored dtype."""
 
     def __init__(self, path: str | os.PathLike, pixel_size: float | None = None):
-        self.path = check_exists(path)
-        self._mrc = open_mrcfile(self.path, mmap=True)
-        self.header = header_of(self._mrc, self.path)
-        data = self._mrc.data
-        if data.ndim == 2:
-            data = data[np.newaxis]
-        if np.iscomplexobj(data):
-            self._mrc.close()
-            raise InputError(self.path, f"complex MRC (mode {self.header.mode}) is not a movie")
-        self._data = data
+        self.path, self._mrc, self.header, self._data = map_stack(path, "a movie")
         hps = self.header.pixel_size
         if pixel_size is not None:
             self.pixel_size = resolve_pixel_size(hps, pixel_size, self.path)
@@ -180,6 +169,11 @@ class TiffMovie(Movie):
         except Exception as exc:  # noqa: BLE001 - broken IFD chain etc.
             raise InputError(self.path, f"truncated or corrupt TIFF after {len(pages)} frames: {exc}") from None
         if not pages:
+            first = _first_directory_offset(self.path)
+            if first is not None and first >= size:
+                # our writer (and many others) put the directories after the strips: a cut-off file loses them all
+                raise InputError(self.path, f"truncated TIFF: its first directory at byte {first} lies past the end "
+                                            f"of the file ({size} bytes)")
             raise InputError(self.path, "TIFF has no images")
         first_shape, first_dtype = pages[0]
         for k, (shape, dtype) in enumerate(pages):
@@ -213,28 +207,6 @@ class TiffMovie(Movie):
         if self._tif is not None:
             self._tif.close()
             self._tif = None
-
-
-@contextlib.contextmanager
-def tifffile_problems() -> Iterator[list[str]]:
-    """Collect what tifffile logs (it logs, rather than raises, on broken files)."""
-    messages: list[str] = []
-
-    class _Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                messages.append(record.getMessage())
-
-    log = logging.getLogger("tifffile")
-    handler = _Handler()
-    log.addHandler(handler)
-    old_propagate = log.propagate
-    log.propagate = False  # we turn the problem into an InputError instead of printing it
-    try:
-        yield messages
-    finally:
-        log.removeHandler(handler)
-        log.propagate = old_propagate
 
 
 def _is_eer(path: Path) -> bool:
@@ -358,6 +330,21 @@ def write_tiff_movie(
         tmp.unlink(missing_ok=True)
         raise
     return n
+
+
+def _first_directory_offset(path: Path) -> int | None:
+    """Offset of a TIFF's first directory from its header, or None if the header is unreadable."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) < 8 or head[:2] not in (b"II", b"MM"):
+        return None
+    e = "<" if head[:2] == b"II" else ">"
+    magic = struct.unpack(e + "H", head[2:4])[0]
+    if magic == 42:
+        return struct.unpack(e + "I", head[4:8])[0]
+    if magic == 43 and len(head) >= 16:
+        return struct.unpack(e + "Q", head[8:16])[0]
+    return None
 
 
 def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:

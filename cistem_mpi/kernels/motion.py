@@ -56,7 +56,7 @@ from cistem_mpi.kernels import fft as _fft
 
 __all__ = [
     "AlignmentSettings", "replace_outliers", "fill_defects", "prepare_frame",
-    "fourier_crop_half", "bfactor_filter", "peak_parabola", "savitzky_golay", "polynomial_smooth",
+    "fourier_crop_half", "bfactor_filter", "ssnr_filter", "peak_parabola", "savitzky_golay", "polynomial_smooth",
     "phase_shift_half", "align_stack", "MovieAligner", "DeformationModel", "fit_deformation",
     "patch_layout", "align_patches", "warp_add", "warp_add_pair", "MovieSummer", "trajectory_rms", "good_fft_size",
 ]
@@ -285,6 +285,69 @@ def bfactor_filter(ny: int, nx: int, unitless_bfactor: float, mask_cross: bool =
     0.0
     """
     filt = np.exp(-np.float32(unitless_bfactor) * _freq2(ny, nx) * np.float32(0.25)).astype(np.float32)
+    if mask_cross:
+        ky = np.rint(np.fft.fftfreq(ny) * ny).astype(int)
+        filt[np.abs(ky) < max(1, horizontal_half_width), :] = 0.0
+        filt[:, :max(1, vertical_half_width)] = 0.0
+    return filt
+
+
+def ssnr_filter(stack: np.ndarray, ny: int, nx: int, mask_cross: bool = True, vertical_half_width: int = 1,
+                horizontal_half_width: int = 1, smooth_rings: int = 5) -> np.ndarray:
+    """Wiener filter of the reference "sum minus one frame", measured on the aligned frames.
+
+    Why: unblur's fixed B-factor (1500 Å²) is right for the coarse rounds,
+    where the frames are far apart, but it throws away shells that hold
+    signal and keeps shells that hold none, whatever the dose and the
+    specimen.  Here the signal is measured: the Fourier ring correlation of
+    the sums of the even and the odd frames gives the SSNR of a half sum,
+    ``FRC / (1 - FRC)``, so each frame's SSNR is ``s = SSNR_half / (n / 2)``
+    and the reference of ``n - 1`` frames has ``(n - 1) s``.  Weighting each
+    ring of the cross-correlation by the reference's Wiener factor
+    ``(n - 1) s / (1 + (n - 1) s)`` keeps the rings where the reference is
+    reliable and drops those where it is noise.  The frames must be aligned
+    already (the FRC of misaligned halves underestimates the signal).
+
+    Parameters
+    ----------
+    stack : ndarray, complex, (n, ny, nx // 2 + 1)
+        Half-layout transforms of the (aligned) frames, n >= 2.
+    ny, nx : int
+        Real-space frame size.
+    mask_cross, vertical_half_width, horizontal_half_width
+        The central cross mask, as :func:`bfactor_filter`.
+    smooth_rings : int
+        Width of the running mean over rings applied to the FRC (noise).
+
+    Returns
+    -------
+    ndarray, float32, (ny, nx // 2 + 1)
+        Filter in [0, 1).
+
+    >>> rng = np.random.default_rng(0)
+    >>> sig = np.fft.rfft2(rng.standard_normal((32, 32)))
+    >>> st = np.stack([sig + np.fft.rfft2(rng.standard_normal((32, 32))) for _ in range(8)])
+    >>> f = ssnr_filter(st, 32, 32)
+    >>> 0.7 < float(np.median(f[f > 0])) < 0.95    # per-frame SSNR 1: (7 x 1) / (1 + 7)
+    True
+    """
+    n = stack.shape[0]
+    if n < 2:
+        raise ValueError("ssnr_filter: needs at least 2 frames")
+    even = stack[0::2].sum(axis=0)
+    odd = stack[1::2].sum(axis=0)
+    nb = int(min(ny, nx) // 2)
+    ring = np.minimum((np.sqrt(_freq2(ny, nx)) * 2 * nb).astype(np.int64), nb).ravel()
+    num = np.bincount(ring, (even * np.conj(odd)).real.ravel(), nb + 1)
+    pe = np.bincount(ring, (np.abs(even) ** 2).ravel(), nb + 1)
+    po = np.bincount(ring, (np.abs(odd) ** 2).ravel(), nb + 1)
+    frc = num / np.sqrt(np.maximum(pe * po, 1e-30))
+    if smooth_rings > 1:
+        frc = np.convolve(frc, np.ones(smooth_rings) / smooth_rings, mode="same")
+    frc = np.clip(frc, 0.0, 0.999)
+    per_frame = frc / (1.0 - frc) / (n / 2.0)
+    w = (n - 1) * per_frame / (1.0 + (n - 1) * per_frame)
+    filt = w[ring].reshape(ny, nx // 2 + 1).astype(np.float32)
     if mask_cross:
         ky = np.rint(np.fft.fftfreq(ny) * ny).astype(int)
         filt[np.abs(ky) < max(1, horizontal_half_width), :] = 0.0
@@ -544,6 +607,10 @@ def polynomial_smooth(y: np.ndarray, degree: int = 4) -> np.ndarray:
 # the unblur iteration
 # --------------------------------------------------------------------------
 
+#: "auto" final stage: used below this exposure per frame (e/Å²), where frames are noise-limited.
+FINAL_FILTER_MAX_EXPOSURE = 2.0
+
+
 @dataclass
 class AlignmentSettings:
     """Options of the alignment, with cisTEM's command-line defaults (Å unless said).
@@ -581,6 +648,15 @@ class AlignmentSettings:
         Pixel size the patch stacks are kept at (Å; Fourier-cropped, memory and time / 4 at 1.5 Å refine).
     patch_smoothing : str
         Smoother of the patch trajectories (default "whittaker"; "none": only the deformation model smooths).
+    final_filter : str
+        "ssnr": after unblur's rounds, a last stage at the refine pixel size weights the
+        correlation by the reference's measured Wiener filter (:func:`ssnr_filter`) instead of the
+        B-factor, searching ``final_max_shift`` around the converged shifts; "none": unblur's rounds
+        only; "auto" (default): "ssnr" below ``FINAL_FILTER_MAX_EXPOSURE`` e/Å² per frame, else "none"
+        (measured on simulated 2048² x 30 movies: at 1 e/Å² per frame the stage lowered the RMS error
+        on 8 of 8 movies, mean 0.49 -> 0.36 px; at 3 e/Å² on 2 of 4, mean 0.41 -> 0.42 px).
+    final_max_shift : float
+        Search radius of that stage (Å, 6).
     """
 
     min_shift: float = 2.0
@@ -602,6 +678,8 @@ class AlignmentSettings:
     patch_smoothing: str = "whittaker"
     patch_pixel: float = 3.0
     patch_iterations: int = 10
+    final_filter: str = "auto"
+    final_max_shift: float = 6.0
 
     def window(self, exposure_per_frame: float) -> int:
         """Savitzky-Golay window for this exposure per frame."""
@@ -616,7 +694,8 @@ class AlignmentSettings:
 def align_stack(stack: np.ndarray, ny: int, nx: int, shifts: np.ndarray, *, max_iterations: int,
                 unitless_bfactor: float, min_radius: float, max_radius: float, threshold: float,
                 window: int, order: int = 1, mask_cross: bool = True, vertical_half_width: int = 1,
-                horizontal_half_width: int = 1, smoothing: str = "savitzky-golay") -> int:
+                horizontal_half_width: int = 1, smoothing: str = "savitzky-golay",
+                filt: np.ndarray | None = None) -> int:
     """unblur's alignment loop on a stack of half-layout frame transforms, in place.
 
     Parameters
@@ -639,6 +718,9 @@ def align_stack(stack: np.ndarray, ny: int, nx: int, shifts: np.ndarray, *, max_
         Savitzky-Golay window and order.
     smoothing : {"savitzky-golay", "whittaker", "none"}
         Smoother of the later rounds (unblur: Savitzky-Golay).
+    filt : ndarray, optional
+        Filter of the correlation (half layout) used instead of the B-factor filter
+        (e.g. :func:`ssnr_filter`); ``unitless_bfactor`` and the cross options are then unused.
 
     Returns
     -------
@@ -646,7 +728,8 @@ def align_stack(stack: np.ndarray, ny: int, nx: int, shifts: np.ndarray, *, max_
         Iterations done.
     """
     n = stack.shape[0]
-    filt = bfactor_filter(ny, nx, unitless_bfactor, mask_cross, vertical_half_width, horizontal_half_width)
+    if filt is None:
+        filt = bfactor_filter(ny, nx, unitless_bfactor, mask_cross, vertical_half_width, horizontal_half_width)
     mid = n // 2
     it = 0
     total = stack.sum(axis=0)
@@ -824,8 +907,31 @@ class MovieAligner:
             rs = np.zeros((self.n, 2))
             px = min(self.refine_pixel_size)
             self._stage(self.refine, self.ry, self.rx, px, rs, first=True)
+        if self.final_filter_used == "ssnr" and self.n >= 4:
+            self._final_stage(rs, min(self.refine_pixel_size))
         self.shifts = np.stack([rs[:, 0] * self.nx / self.rx, rs[:, 1] * self.ny / self.ry], axis=1)
         return self.shifts.copy()
+
+    @property
+    def final_filter_used(self) -> str:
+        """"ssnr" or "none": the settings' ``final_filter`` with "auto" resolved for this movie's exposure."""
+        f = self.s.final_filter
+        if f == "auto":
+            return "ssnr" if self.exposure_per_frame < FINAL_FILTER_MAX_EXPOSURE else "none"
+        return f
+
+    def _final_stage(self, rs: np.ndarray, px: float) -> None:
+        """Polish the converged shifts with the measured-SSNR filter (see ``final_filter``)."""
+        s = self.s
+        filt = ssnr_filter(self.refine, self.ry, self.rx, s.mask_cross, s.vertical_half_width,
+                           s.horizontal_half_width)
+        if not np.any(filt > 0.05):
+            return  # no measurable signal: unblur's result stands
+        # a small radius: the coarse rounds already found the peak, and far noise peaks must not win
+        self.iterations.append(align_stack(
+            self.refine, self.ry, self.rx, rs, max_iterations=s.max_iterations, unitless_bfactor=0.0,
+            min_radius=0.0, max_radius=max(1.5, s.final_max_shift / px), threshold=0.02,
+            window=s.window(self.exposure_per_frame), order=s.smoothing_order, smoothing=s.smoothing, filt=filt))
 
     def align_local(self, grid: tuple[int, int] = (5, 5)) -> "DeformationModel":
         """Patch alignment on the globally aligned refine frames (call :meth:`align` first)."""
