@@ -19,7 +19,6 @@ import pytest
 
 from cistem_mpi.cli import main
 from cistem_mpi.db.project import Project
-from cistem_mpi.drivers.package import split_by_micrograph
 from cistem_mpi.drivers.reconstruct import ReconstructionSettings, reconstruct_particles
 from cistem_mpi.drivers.volumejob import half_sets_of
 from cistem_mpi.drivers.runtime import World
@@ -28,6 +27,7 @@ from cistem_mpi.errors import InputError
 from cistem_mpi.io.par import write_par
 from cistem_mpi.io.param_store import read_params_column, read_params_h5, write_params_h5
 from cistem_mpi.io.params import Optics, ParticleSet, empty_params
+from cistem_mpi.kernels.packages import split_by_micrograph
 from cistem_mpi.kernels.reconstruction import half_lookup, half_sets
 
 N, BOX, PIXEL = 300, 32, 4.0

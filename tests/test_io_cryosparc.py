@@ -14,24 +14,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from cistem_mpi.errors import InputError
-from cistem_mpi.io.cryosparc import matrix_to_relion_euler, read_cryosparc, relion_euler_to_matrix
+from cistem_mpi.io.cryosparc import read_cryosparc
 from cistem_mpi.io.star import read_star
-
-
-def test_relion_matrix_matches_scipy_zyz():
-    # RELION's A(rot, tilt, psi) is the transpose of the intrinsic ZYZ rotation (rot, tilt, psi)
-    rng = np.random.default_rng(0)
-    ang = np.stack([rng.uniform(-180, 180, 500), rng.uniform(0, 180, 500), rng.uniform(-180, 180, 500)], 1)
-    a = relion_euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
-    ref = np.swapaxes(Rotation.from_euler("ZYZ", ang, degrees=True).as_matrix(), 1, 2)
-    np.testing.assert_allclose(a, ref, atol=1e-12)
-    rot, tilt, psi = matrix_to_relion_euler(a)
-    np.testing.assert_allclose(relion_euler_to_matrix(rot, tilt, psi), a, atol=1e-12)
-    assert np.all((tilt >= 0) & (tilt <= 180))
-    # gimbal lock: tilt 0 and 180 still give the same matrix back
-    for t in (0.0, 180.0):
-        m = relion_euler_to_matrix(35.0, t, -20.0)
-        np.testing.assert_allclose(relion_euler_to_matrix(*matrix_to_relion_euler(m)), m, atol=1e-12)
 
 
 @pytest.mark.interop

@@ -9,12 +9,9 @@ import tifffile
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.gain import (
     apply_gain,
-    defects_from_frames,
-    defects_from_gain,
     match_gain_to_frames,
     orient_gain,
     read_gain,
-    replace_defects,
 )
 from cistem_mpi.io.mrc import write_mrc
 from cistem_mpi.io.movies import open_movie, write_tiff_movie
@@ -117,48 +114,3 @@ def test_bad_gain_files(tmp_path):
     write_mrc(z, np.zeros((4, 4), np.float32), 1.0)
     with pytest.raises(InputError, match="no finite positive value"):
         read_gain(z)
-
-
-def test_defects_from_gain():
-    rng = np.random.default_rng(1)
-    g = rng.normal(1.0, 0.02, size=(50, 60)).astype(np.float32)
-    bad = {(3, 4): 0.0, (10, 11): np.nan, (20, 30): 9.0, (40, 50): 0.05, (5, 59): -1.0}
-    for (y, x), v in bad.items():
-        g[y, x] = v
-    mask = defects_from_gain(g)
-    assert set(map(tuple, np.argwhere(mask).tolist())) == set(bad)
-
-
-def test_defects_from_frames_and_replacement():
-    rng = np.random.default_rng(2)
-    n = 40
-    s = rng.poisson(2.0 * n, size=(64, 64)).astype(np.float64)  # sum of 40 frames at 2 e/px/frame
-    s[10, 20] = 4000.0  # hot
-    s[30, 31] = 0.0  # dead
-    hot, dead = defects_from_frames(s, n)
-    assert np.argwhere(hot).tolist() == [[10, 20]]
-    assert np.argwhere(dead).tolist() == [[30, 31]]
-    mask = hot | dead
-    fixed = replace_defects(s, mask)
-    assert fixed.dtype == np.float32
-    for y, x in ((10, 20), (30, 31)):
-        neigh = [s[y + dy, x + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-        assert fixed[y, x] == pytest.approx(np.mean(neigh), rel=1e-6)
-    untouched = ~mask
-    np.testing.assert_array_equal(fixed[untouched], s[untouched].astype(np.float32))
-    # low dose: zeros are not "dead"
-    _, dead_low = defects_from_frames(rng.poisson(0.5, (32, 32)).astype(float), 1)
-    assert not dead_low.any()
-
-
-def test_replace_defects_at_edges_and_clusters():
-    img = np.arange(25, dtype=np.float32).reshape(5, 5)
-    mask = np.zeros((5, 5), bool)
-    mask[0, 0] = True  # corner: 3 neighbours
-    mask[2, 1:4] = True  # a row of 3: centre one still has good neighbours above/below
-    out = replace_defects(img, mask)
-    assert out[0, 0] == pytest.approx(np.mean([img[0, 1], img[1, 0], img[1, 1]]))
-    assert out[2, 2] == pytest.approx(np.mean([img[1, 1], img[1, 2], img[1, 3], img[3, 1], img[3, 2], img[3, 3]]))
-    everything = np.ones((3, 3), bool)
-    everything[1, 1] = False
-    assert replace_defects(np.full((3, 3), 7.0), everything)[0, 0] == 7.0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from cistem_mpi.kernels.euler import (
-    angular_distance, cistem_to_relion, matrix_to_euler, random_rotations, relion_to_cistem,
-    rotation_matrix,
+    angular_distance, cistem_to_relion, matrix_to_euler, matrix_to_relion_euler, random_rotations,
+    relion_euler_to_matrix, relion_to_cistem, rotation_matrix, rotvec_to_matrix, rotvec_to_relion_euler,
 )
 
 
@@ -82,3 +83,38 @@ def test_angular_distance():
     a = rotation_matrix(0, 0, 0)
     b = rotation_matrix(0, 0, 37)
     assert abs(angular_distance(a, b) - 37) < 1e-9
+
+
+def test_relion_matrix_matches_scipy_zyz():
+    # RELION's A(rot, tilt, psi) is the transpose of the intrinsic ZYZ rotation (rot, tilt, psi)
+    rng = np.random.default_rng(0)
+    ang = np.stack([rng.uniform(-180, 180, 500), rng.uniform(0, 180, 500), rng.uniform(-180, 180, 500)], 1)
+    a = relion_euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
+    ref = np.swapaxes(Rotation.from_euler("ZYZ", ang, degrees=True).as_matrix(), 1, 2)
+    np.testing.assert_allclose(a, ref, atol=1e-12)
+    rot, tilt, psi = matrix_to_relion_euler(a)
+    np.testing.assert_allclose(relion_euler_to_matrix(rot, tilt, psi), a, atol=1e-12)
+    assert np.all((tilt >= 0) & (tilt <= 180))
+    # gimbal lock: tilt 0 and 180 still give the same matrix back
+    for t in (0.0, 180.0):
+        m = relion_euler_to_matrix(35.0, t, -20.0)
+        np.testing.assert_allclose(relion_euler_to_matrix(*matrix_to_relion_euler(m)), m, atol=1e-12)
+
+
+def test_rotvec_matrix_against_series_and_scipy():
+    # slow, obvious reference: the exponential series of the skew matrix [v]x, summed term by term
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(50, 3)) * rng.uniform(0, 3, (50, 1))
+    v[0] = 0.0
+    got = rotvec_to_matrix(v)
+    for i in range(len(v)):
+        k = np.array([[0, -v[i, 2], v[i, 1]], [v[i, 2], 0, -v[i, 0]], [-v[i, 1], v[i, 0], 0]])
+        term, ref = np.eye(3), np.eye(3)
+        for j in range(1, 60):
+            term = term @ k / j
+            ref = ref + term
+        np.testing.assert_allclose(got[i], ref, atol=1e-12)
+    np.testing.assert_allclose(got, Rotation.from_rotvec(v).as_matrix(), atol=1e-12)
+    # RELION's A is the transpose of the pose's rotation
+    rot, tilt, psi = rotvec_to_relion_euler(v)
+    np.testing.assert_allclose(relion_euler_to_matrix(rot, tilt, psi), np.swapaxes(got, 1, 2), atol=1e-12)

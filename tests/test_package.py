@@ -19,11 +19,12 @@ import pytest
 from cistem_mpi.cli import main
 from cistem_mpi.db.project import Project
 from cistem_mpi.drivers.jobrun import run_job
-from cistem_mpi.drivers.package import best_class, default_mapping, parse_mapping
+from cistem_mpi.drivers.package import parse_mapping
 from cistem_mpi.drivers.simulate import simulate_conformations
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.par import read_par, write_par
 from cistem_mpi.io.param_store import read_params_h5, write_params_h5
+from cistem_mpi.kernels.packages import best_class, default_mapping
 from helpers_jobs import job_args
 
 N = 240

@@ -44,7 +44,7 @@ and a set of starting parameters (a ``'start'`` refinement, "Start Params
     random orientation (as cisTEM's wizard) and as its shift the sub-pixel
     part of its position that the box cannot hold (cisTEM drops it).  From
     500 particles on, the half sets are stored by micrograph (see
-    :func:`split_by_micrograph`), so duplicate picks cannot correlate the
+    :func:`cistem_mpi.kernels.packages.split_by_micrograph`), so duplicate picks cannot correlate the
     half maps; every package and refinement made from this one keeps that
     split (the ``half_set`` column of the parameter files).
     ``refinement_package_members.parent_position`` holds the
@@ -86,7 +86,6 @@ starting occupancy is highest.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,20 +98,16 @@ from cistem_mpi.db.classification import classification_by_number
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options, run_job
 from cistem_mpi.errors import InputError, check_free_space
 from cistem_mpi.io.params import Optics, ParticleSet, empty_params
-
-#: Packages cut from positions get a split by micrograph from this many particles on (cisTEM: 500) ...
-SPLIT_MIN_PARTICLES = 500
-#: ... by whole micrographs from this many micrographs on, by 10 stack blocks below (cisTEM: 20).
-SPLIT_MIN_MICROGRAPHS = 20
+from cistem_mpi.kernels.packages import (
+    SPLIT_MIN_MICROGRAPHS, SPLIT_MIN_PARTICLES, best_class, plan_from_template, share_occupancies,
+    split_by_micrograph,
+)
 #: Bytes of images read from the source stack at a time while copying.
 COPY_BATCH_BYTES = 32 * 1024 * 1024
 #: Stored types a copied stack keeps (what MrcStackWriter writes); others become float32.
 _COPY_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float16, np.int16, np.uint16, np.int8))
 
-__all__ = [
-    "register", "best_class", "parse_class_list", "parse_mapping", "default_mapping", "TemplatePlan",
-    "plan_from_template", "share_occupancies", "copy_particles",
-]
+__all__ = ["register", "parse_class_list", "parse_mapping", "copy_particles"]
 
 
 # --------------------------------------------------------------------------
@@ -173,24 +168,8 @@ def _checked(a: argparse.Namespace) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------
-# class bookkeeping (pure functions)
+# class options (the class arithmetic is kernels.packages')
 # --------------------------------------------------------------------------
-
-def best_class(occupancies: np.ndarray) -> np.ndarray:
-    """Index of the class where each particle's occupancy is highest.
-
-    Parameters
-    ----------
-    occupancies : ndarray (n_classes, n_particles)
-
-    Returns
-    -------
-    ndarray (n_particles,) int
-        0-based class index; ties go to the lowest index (cisTEM keeps the
-        first class with a strictly higher occupancy).
-    """
-    return np.argmax(np.asarray(occupancies), axis=0)
-
 
 def parse_class_list(text: str, option: str) -> list[int]:
     """``"1,3, 4"`` -> ``[1, 3, 4]`` (sorted, unique); InputError naming ``option`` if malformed."""
@@ -224,160 +203,6 @@ def parse_mapping(items: list[str]) -> dict[int, list[int]]:
     if not out:
         raise InputError("--map", "no OLD:NEW pair given")
     return {k: sorted(v) for k, v in sorted(out.items())}
-
-
-def default_mapping(kept: list[int], n_new: int) -> dict[int, list[int]] | None:
-    """The mapping a user means when giving none (None: ambiguous).
-
-    The i-th kept class becomes new class i when there are as many new as
-    kept classes; everything goes into class 1 when there is one new class;
-    a single kept class (e.g. a 1-class template) is split over all new
-    classes.
-    """
-    if n_new == len(kept):
-        return {old: [i] for i, old in enumerate(kept, 1)}
-    if n_new == 1:
-        return {old: [1] for old in kept}
-    if len(kept) == 1:
-        return {kept[0]: list(range(1, n_new + 1))}
-    return None
-
-
-def share_occupancies(targets: list[np.ndarray], n_new: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Starting occupancies (n_new, n) in percent.
-
-    Parameters
-    ----------
-    targets : list of ndarray
-        ``targets[k]`` is the boolean mask (n,) of particles assigned to new
-        class k + 1; a particle assigned to m classes gets 100/m in each.
-    n_new : int
-        Number of new classes.
-    rng : numpy Generator, optional
-        When given (``--randomise-occupancies``, K > 1), occupancies are drawn
-        uniformly from [0, 200/K) instead, as cisTEM's wizard does.
-    """
-    member = np.stack(targets).astype(np.float64)  # (K, n)
-    if rng is not None and n_new > 1:
-        return rng.uniform(0.0, 200.0 / n_new, member.shape).astype(np.float32)
-    m = member.sum(axis=0)
-    if np.any(m == 0):
-        raise ValueError("every particle needs at least one new class")
-    return (100.0 * member / m).astype(np.float32)
-
-
-@dataclass
-class TemplatePlan:
-    """What a template refinement becomes (rows refer to the template's parameter rows).
-
-    Attributes
-    ----------
-    take : ndarray (n,) int
-        Template rows carried over, in template order.
-    old_class : ndarray (n,) int
-        Old class number of each carried particle (its highest occupancy).
-    params : list of ndarray
-        One parameter table per new class (positions still the template's).
-    new_class : ndarray (n,) int
-        New class number of each particle (its highest starting occupancy).
-    mapping : dict
-        Old class -> new classes actually used.
-    dropped : dict
-        Old class -> number of particles left out.
-    """
-
-    take: np.ndarray
-    old_class: np.ndarray
-    params: list[np.ndarray]
-    new_class: np.ndarray
-    mapping: dict[int, list[int]]
-    dropped: dict[int, int] = field(default_factory=dict)
-
-
-def plan_from_template(old_classes: list[int], old_params: list[np.ndarray], n_new: int | None,
-                       keep: list[int] | None, mapping: dict[int, list[int]] | None,
-                       rng: np.random.Generator | None = None, run: int | None = None) -> TemplatePlan:
-    """Decide which particles go where (see the module docstring); all checks raise InputError.
-
-    Parameters
-    ----------
-    old_classes : list of int
-        Class numbers of the template refinement.
-    old_params : list of ndarray
-        Their parameter tables, rows in the same particle order.
-    n_new : int or None
-        Number of new classes (None: the number of kept classes, or the
-        highest new class in ``mapping``).
-    keep : list of int or None
-        Old classes whose particles are carried over (None: all).
-    mapping : dict or None
-        Old class -> new classes (None: :func:`default_mapping`).
-    rng : numpy Generator, optional
-        Randomise occupancies (see :func:`share_occupancies`).
-    run : int, optional
-        Template run number, for messages.
-    """
-    what = f"refinement #{run}" if run is not None else "the template"
-    names = ", ".join(map(str, old_classes))
-    kept = list(old_classes) if keep is None else keep
-    for c in kept:
-        if c not in old_classes:
-            raise InputError("--keep", f"class {c} is not a class of {what} (classes {names})")
-    if n_new is None:
-        n_new = max(max(v) for v in mapping.values()) if mapping else len(kept)
-    if n_new < 1:
-        raise InputError("--classes", f"the number of classes must be at least 1, got {n_new}")
-    if mapping is None:
-        mapping = default_mapping(kept, n_new)
-        if mapping is None:
-            raise InputError("--map", f"cannot guess how the {len(kept)} kept classes ({', '.join(map(str, kept))}) "
-                                      f"go into {n_new} new classes; give --map OLD:NEW for each kept class")
-    for old, news in mapping.items():
-        if old not in old_classes:
-            raise InputError("--map", f"class {old} is not a class of {what} (classes {names})")
-        if old not in kept:
-            raise InputError("--map", f"class {old} is mapped but not carried over (--keep {','.join(map(str, kept))})")
-        bad = [n for n in news if not 1 <= n <= n_new]
-        if bad:
-            raise InputError("--map", f"new class {bad[0]} (from old class {old}) is outside 1..{n_new} "
-                                      f"(the package has {n_new} classes)")
-    unmapped = [c for c in kept if c not in mapping]
-    if unmapped:
-        raise InputError("--map", f"class {unmapped[0]} is carried over but not mapped to a new class; "
-                                  f"add --map {unmapped[0]}:NEW or leave it out of --keep")
-    sources = {k: [old for old in kept if k in mapping[old]] for k in range(1, n_new + 1)}
-    empty = [k for k, v in sources.items() if not v]
-    if empty:
-        raise InputError("--map", f"new class {empty[0]} gets no old class; map at least one kept class to it")
-
-    occ = np.stack([p["occ"].astype(np.float64) for p in old_params])  # (n_old, N)
-    best = np.asarray(old_classes)[best_class(occ)]
-    take = np.nonzero(np.isin(best, kept))[0]
-    dropped = {c: int(np.count_nonzero(best == c)) for c in old_classes if c not in kept}
-    if take.size == 0:
-        raise InputError("--keep", f"no particle has its highest occupancy in class(es) {', '.join(map(str, kept))} "
-                                   f"of {what}; nothing to put in the package")
-    old_of = best[take]
-    index_of = {c: i for i, c in enumerate(old_classes)}
-    targets = [np.isin(old_of, [old for old in sources[k]]) for k in range(1, n_new + 1)]
-    occ_new = share_occupancies(targets, n_new, rng)
-    params: list[np.ndarray] = []
-    for k in range(1, n_new + 1):
-        # rows from the class the particle came from when it maps here, else from
-        # the mapped old class where the particle's occupancy is highest (cisTEM)
-        src_list = sources[k]
-        src_occ = occ[[index_of[o] for o in src_list]][:, take]  # (len(src), n)
-        fallback = np.asarray(src_list)[best_class(src_occ)]
-        src_class = np.where(targets[k - 1], old_of, fallback)
-        rows = np.empty(take.size, dtype=old_params[0].dtype)
-        for o in np.unique(src_class):
-            sel = src_class == o
-            rows[sel] = old_params[index_of[int(o)]][take[sel]]
-        rows["occ"] = occ_new[k - 1]
-        params.append(rows)
-    new_class = best_class(occ_new) + 1
-    return TemplatePlan(take=take, old_class=old_of, params=params, new_class=new_class.astype(np.int64),
-                        mapping={o: mapping[o] for o in kept}, dropped=dropped)
 
 
 # --------------------------------------------------------------------------
@@ -452,25 +277,6 @@ def _carried_halves(path: Path, rows: np.ndarray) -> np.ndarray | None:
         return None
     table = half_lookup(read_params_h5(path)["position"], half)
     return table[np.asarray(rows, dtype=np.int64)]
-
-
-def split_by_micrograph(film: np.ndarray) -> np.ndarray | None:
-    """cisTEM's half sets for a package cut from positions: whole micrographs go to one half.
-
-    Duplicate picks of one particle then land in the same half and cannot
-    raise the FSC.  With 500 particles or more on 20 micrographs or more the
-    half is the image id's parity (as cisTEM's wizard); with fewer than 20
-    micrographs the stack is cut into 10 blocks that alternate (cisTEM too);
-    below 500 particles None: the default per-particle split.
-    """
-    n = len(film)
-    n_images = np.unique(film).size
-    if n < SPLIT_MIN_PARTICLES:
-        return None
-    if n_images >= SPLIT_MIN_MICROGRAPHS:
-        return np.where(np.asarray(film) % 2 == 1, 1, 2).astype(np.int8)
-    block = np.arange(n) // max(1, n // 10)
-    return np.where(block % 2 == 1, 1, 2).astype(np.int8)
 
 
 def _stack_is_white(stack_row) -> bool:
@@ -720,7 +526,8 @@ def _from_positions(ctx: JobContext, a: dict[str, Any], rng: np.random.Generator
         p["shy"] = plan.shift_px[:, 1] * plan.optics.pixel_size
     return _Source(stack_row=None, stack_path=None, optics=plan.optics, params=params,
                    new_class=best_class(np.stack([p["occ"] for p in params])) + 1, subset=True,
-                   summary=plan.summary, extraction=plan, half_set=split_by_micrograph(plan.film))
+                   summary=plan.summary, extraction=plan, half_set=split_by_micrograph(plan.film, SPLIT_MIN_PARTICLES,
+                                                                                   SPLIT_MIN_MICROGRAPHS))
 
 
 def _metadata(a: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

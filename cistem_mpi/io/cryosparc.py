@@ -39,72 +39,9 @@ import numpy as np
 
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.params import Optics, ParticleSet, empty_params
+from cistem_mpi.kernels.euler import relion_origin_to_shift, rotvec_to_relion_euler
 
-__all__ = ["read_cryosparc", "rotvec_to_relion_euler", "relion_euler_to_matrix", "matrix_to_relion_euler"]
-
-
-def relion_euler_to_matrix(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -> np.ndarray:
-    """RELION's ``Euler_angles2matrix`` (degrees in, (..., 3, 3) out)."""
-    a, b, g = (np.deg2rad(np.asarray(x, dtype=np.float64)) for x in (rot, tilt, psi))
-    ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
-    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    m = np.empty(np.broadcast(a, b, g).shape + (3, 3))
-    m[..., 0, 0] = cg * cc - sg * sa
-    m[..., 0, 1] = cg * cs + sg * ca
-    m[..., 0, 2] = -cg * sb
-    m[..., 1, 0] = -sg * cc - cg * sa
-    m[..., 1, 1] = -sg * cs + cg * ca
-    m[..., 1, 2] = sg * sb
-    m[..., 2, 0] = sc
-    m[..., 2, 1] = ss
-    m[..., 2, 2] = cb
-    return m
-
-
-def matrix_to_relion_euler(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of :func:`relion_euler_to_matrix` (RELION's ``Euler_matrix2angles``).
-
-    Returns (rot, tilt, psi) in degrees, tilt in [0, 180].
-    """
-    m = np.asarray(m, dtype=np.float64)
-    abs_sb = np.sqrt(m[..., 0, 2] ** 2 + m[..., 1, 2] ** 2)
-    regular = abs_sb > 16 * np.finfo(np.float64).eps
-    # regular case: sin(tilt) > 0
-    psi = np.arctan2(m[..., 1, 2], -m[..., 0, 2])
-    rot = np.arctan2(m[..., 2, 1], m[..., 2, 0])
-    tilt = np.arctan2(abs_sb, m[..., 2, 2])
-    # gimbal lock (tilt 0 or 180): all in-plane rotation goes to rot, psi = 0
-    flipped = m[..., 2, 2] < 0
-    rot_lock = np.where(flipped, np.arctan2(-m[..., 0, 1], -m[..., 0, 0]), np.arctan2(m[..., 0, 1], m[..., 0, 0]))
-    rot = np.where(regular, rot, rot_lock)
-    psi = np.where(regular, psi, 0.0)
-    tilt = np.where(regular, tilt, np.where(flipped, np.pi, 0.0))
-    return np.rad2deg(rot), np.rad2deg(tilt), np.rad2deg(psi)
-
-
-def _rodrigues(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    theta = np.linalg.norm(v, axis=-1)
-    safe = np.where(theta > 0, theta, 1.0)
-    k = v / safe[..., None]
-    kx, ky, kz = k[..., 0], k[..., 1], k[..., 2]
-    K = np.zeros(v.shape[:-1] + (3, 3))
-    K[..., 0, 1], K[..., 0, 2] = -kz, ky
-    K[..., 1, 0], K[..., 1, 2] = kz, -kx
-    K[..., 2, 0], K[..., 2, 1] = -ky, kx
-    s, c = np.sin(theta)[..., None, None], np.cos(theta)[..., None, None]
-    eye = np.broadcast_to(np.eye(3), K.shape)
-    return eye + s * K + (1 - c) * (K @ K)
-
-
-def rotvec_to_relion_euler(pose: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """cryoSPARC axis-angle poses -> RELION (rot, tilt, psi) in degrees.
-
-    ``A = Rodrigues(pose).T`` is RELION's Euler matrix (pyem's ``expmap``
-    builds that transpose directly).
-    """
-    r = _rodrigues(pose)
-    return matrix_to_relion_euler(np.swapaxes(r, -1, -2))
+__all__ = ["read_cryosparc"]
 
 
 def _field(cs: np.ndarray, name: str):
@@ -201,8 +138,8 @@ def read_cryosparc(path: str | os.PathLike, pixel_size: float | None = None) -> 
             if np.any(shift != 0) and np.any(ps <= 0):
                 raise InputError(p, "shifts are in pixels but the pixel size is unknown; give the pixel size")
             # cryoSPARC shift = RELION origin (px); the particle sits at -origin
-            params["shx"] = 0.0 - shift[:, 0] * ps
-            params["shy"] = 0.0 - shift[:, 1] * ps
+            params["shx"] = relion_origin_to_shift(shift[:, 0] * ps)
+            params["shy"] = relion_origin_to_shift(shift[:, 1] * ps)
         cls = _field(cs, f"{kind}/class")
         if cls is not None:
             extra["rlnClassNumber"] = np.asarray(cls, dtype=np.int64) + 1

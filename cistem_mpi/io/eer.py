@@ -28,6 +28,8 @@ returned frame is the first row of the stream; EER frames are *not* flipped
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import struct
 import warnings
@@ -49,12 +51,53 @@ __all__ = [
     "encode_eer_events",
     "write_eer",
     "write_eer_events",
+    "tifffile_problems",
 ]
 
 #: compression code -> (run-length bits, horizontal sub-pixel bits, vertical sub-pixel bits)
 EER_COMPRESSIONS: dict[int, tuple[int, int, int]] = {65000: (8, 2, 2), 65001: (7, 2, 2), 65002: (7, 2, 2)}
 
 _UPSAMPLING_LEVEL = {1: 0, 2: 1, 4: 2}
+
+
+# --------------------------------------------------------------------------- tifffile's warnings
+
+
+@contextlib.contextmanager
+def tifffile_problems() -> Iterator[list[str]]:
+    """Collect what tifffile logs (it logs, rather than raises, on broken files).
+
+    Used by this module's EER reader and by :mod:`cistem_mpi.io.movies` (here, so that
+    movies imports eer and not the other way round).
+
+    Returns
+    -------
+    context manager yielding the list of messages (warnings and worse) logged inside it
+
+    Examples
+    --------
+    >>> with tifffile_problems() as problems:
+    ...     logging.getLogger("tifffile").warning("cut IFD")
+    >>> problems
+    ['cut IFD']
+    """
+    messages: list[str] = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                messages.append(record.getMessage())
+
+    log = logging.getLogger("tifffile")
+    handler = _Handler()
+    log.addHandler(handler)
+    old_propagate = log.propagate
+    log.propagate = False  # we turn the problem into an InputError instead of printing it
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+        log.propagate = old_propagate
 
 
 # --------------------------------------------------------------------------- encoding
@@ -483,8 +526,6 @@ class EerMovie:
         tif = self._tif
         size = self.path.stat().st_size
         frames = []
-        from cistem_mpi.io.movies import tifffile_problems  # late import: movies imports this module
-
         with tifffile_problems() as problems:
             try:
                 page_list = list(tif.pages)

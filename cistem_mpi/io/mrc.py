@@ -36,7 +36,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import mrcfile
 import numpy as np
@@ -50,6 +50,7 @@ __all__ = [
     "read_mrc",
     "read_mrc_header",
     "open_stack",
+    "map_stack",
     "write_mrc",
     "resolve_pixel_size",
 ]
@@ -358,6 +359,51 @@ def read_mrc_header(path: str | os.PathLike) -> MrcHeader:
         mrc.close()
 
 
+def map_stack(path: str | os.PathLike, what: str = "an image stack") -> tuple[Path, Any, MrcHeader, np.ndarray]:
+    """Memory-map an MRC image stack: the one opening that stacks and movies share.
+
+    Parameters
+    ----------
+    path : path-like
+        MRC/MRCS file (``.gz`` is read into memory instead).
+    what : str
+        What the file should be, for the error on complex data.
+
+    Returns
+    -------
+    path : Path
+    mrc : the open ``mrcfile`` object (close it when done)
+    header : MrcHeader
+    data : ndarray (n, ny, nx)
+        The stored values, memory-mapped (a 2D file is a stack of one).
+
+    Raises
+    ------
+    InputError
+        Missing, truncated or unreadable file, or complex data.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "one.mrc"
+    >>> write_mrc(f, np.zeros((4, 6), np.float32), 1.5)
+    >>> _, mrc, hdr, data = map_stack(f)
+    >>> data.shape, hdr.pixel_size
+    ((1, 4, 6), 1.5)
+    >>> mrc.close()
+    """
+    p = check_exists(path)
+    mrc = open_mrcfile(p, mmap=True)
+    header = header_of(mrc, p)
+    data = mrc.data
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    if np.iscomplexobj(data):
+        mrc.close()
+        raise InputError(p, f"complex MRC (mode {header.mode}) is not {what}")
+    return p, mrc, header, data
+
+
 def _to_zyx(data: np.ndarray, axis_order: tuple[int, int, int]) -> np.ndarray:
     """Reorder a volume stored with MAPC/MAPR/MAPS != 1,2,3 into (z, y, x)."""
     mapc, mapr, maps = axis_order
@@ -421,17 +467,8 @@ class ImageStack:
     """
 
     def __init__(self, path: str | os.PathLike, pixel_size: float | None = None, invert: bool = False):
-        self.path = check_exists(path)
         self.invert = bool(invert)
-        self._mrc = open_mrcfile(self.path, mmap=True)
-        self.header = header_of(self._mrc, self.path)
-        data = self._mrc.data
-        if data.ndim == 2:
-            data = data[np.newaxis]
-        if np.iscomplexobj(data):
-            self._mrc.close()
-            raise InputError(self.path, f"complex MRC (mode {self.header.mode}) is not an image stack")
-        self._data = data
+        self.path, self._mrc, self.header, self._data = map_stack(path, "an image stack")
         _warn_anisotropic(self.header, pixel_size)
         self.pixel_size = resolve_pixel_size(self.header.pixel_size, pixel_size, self.path)
 

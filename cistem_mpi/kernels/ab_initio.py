@@ -49,6 +49,7 @@ from cistem_mpi.kernels import fft as _fft
 from cistem_mpi.kernels.euler import matrix_to_euler, random_rotations, rotation_matrix
 from cistem_mpi.kernels.fsc import fsc as fsc_maps
 from cistem_mpi.kernels.fsc import part_fsc_to_ssnr
+from cistem_mpi.kernels.grids import fourier_grid_3d
 from cistem_mpi.kernels.projection import VolumeFT, extract_slices
 from cistem_mpi.kernels.radial import shell_index
 from cistem_mpi.kernels.symmetry import group_order, symmetry_matrices
@@ -312,10 +313,9 @@ def centre_of_mass(volume: np.ndarray) -> np.ndarray:
 def shift_volume(volume: np.ndarray, shift_xyz: np.ndarray) -> np.ndarray:
     """Move a map by ``shift_xyz`` voxels (Fourier phase shift, periodic)."""
     n = volume.shape[0]
-    k = np.fft.fftfreq(n)
-    kx = np.fft.rfftfreq(n)
+    kz, ky, kx = fourier_grid_3d(n, dtype=np.float64)
     sx, sy, sz = (float(s) for s in shift_xyz)
-    ph = np.exp(-2j * np.pi * (k[:, None, None] * sz + k[None, :, None] * sy + kx[None, None, :] * sx))
+    ph = np.exp(-2j * np.pi * (kz * sz + ky * sy + kx * sx))
     return _fft.iftn(_fft.ftn(np.asarray(volume, dtype=np.float32)) * ph.astype(np.complex64), n).astype(np.float32)
 
 

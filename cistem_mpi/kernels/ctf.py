@@ -80,11 +80,34 @@ def ctf_phase(g2: np.ndarray, azimuth: np.ndarray, voltage: float, cs: float,
     """
     lam = electron_wavelength(voltage)
     cs_a = cs * 1.0e7
-    ang = np.deg2rad(angast)
     g2 = np.asarray(g2, dtype=np.float64)
-    defocus = 0.5 * (df1 + df2 + np.cos(2.0 * (np.asarray(azimuth, dtype=np.float64) - ang)) * (df1 - df2))
+    defocus = _defocus_at(np.asarray(azimuth, dtype=np.float64), df1, df2, angast)
     return (np.pi * lam * g2 * (defocus - 0.5 * lam * lam * g2 * cs_a)
             + pshift + amplitude_contrast_phase(amplitude_contrast))
+
+
+def _defocus_at(azimuth: np.ndarray | float, df1: float, df2: float, angast: float) -> np.ndarray | float:
+    """Defocus (Å) along ``azimuth`` (radians) of an astigmatic CTF (``angast`` in degrees)."""
+    return 0.5 * (df1 + df2 + np.cos(2.0 * (azimuth - np.deg2rad(angast))) * (df1 - df2))
+
+
+def _ctf_values(g2: np.ndarray, azimuth: np.ndarray, voltage: float, cs: float, amplitude_contrast: float,
+                df1: float, df2: float, angast: float, pshift: float, bfactor: float) -> np.ndarray:
+    """``-sin(chi) * exp(-B g^2 / 4)`` in float32: the one evaluation every CTF function here uses."""
+    out = -np.sin(ctf_phase(g2, azimuth, voltage, cs, amplitude_contrast, df1, df2, angast, pshift))
+    if bfactor:
+        out = out * np.exp(-bfactor * g2 / 4.0)
+    return out.astype(np.float32)
+
+
+def _frequency_grid(ny: int, nx: int | None, pixel_size: float, half: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Squared spatial frequency (1/Å²) and azimuth (radians) on a Fourier grid."""
+    fy, fx = fourier_grid_2d(ny, nx, half=half)
+    gy = fy.astype(np.float64) / pixel_size
+    gx = fx.astype(np.float64) / pixel_size
+    g2 = gx * gx + gy * gy
+    az = np.arctan2(np.broadcast_to(gy, g2.shape), np.broadcast_to(gx, g2.shape))
+    return g2, az
 
 
 def ctf_1d(freq: np.ndarray, voltage: float, cs: float, amplitude_contrast: float,
@@ -95,11 +118,8 @@ def ctf_1d(freq: np.ndarray, voltage: float, cs: float, amplitude_contrast: floa
     """
     f = np.asarray(freq, dtype=np.float64)
     g2 = f * f
-    chi = ctf_phase(g2, np.zeros_like(g2), voltage, cs, amplitude_contrast, defocus, defocus, 0.0, pshift)
-    out = -np.sin(chi)
-    if bfactor:
-        out = out * np.exp(-bfactor * g2 / 4.0)
-    return out.astype(np.float32)
+    return _ctf_values(g2, np.zeros_like(g2), voltage, cs, amplitude_contrast, defocus, defocus, 0.0, pshift,
+                       bfactor)
 
 
 def ctf_2d(ny: int, pixel_size: float, voltage: float, cs: float, amplitude_contrast: float,
@@ -125,16 +145,8 @@ def ctf_2d(ny: int, pixel_size: float, voltage: float, cs: float, amplitude_cont
     -------
     ndarray, float32
     """
-    fy, fx = fourier_grid_2d(ny, nx, half=half)
-    gy = fy.astype(np.float64) / pixel_size
-    gx = fx.astype(np.float64) / pixel_size
-    g2 = gx * gx + gy * gy
-    az = np.arctan2(np.broadcast_to(gy, g2.shape), np.broadcast_to(gx, g2.shape))
-    chi = ctf_phase(g2, az, voltage, cs, amplitude_contrast, df1, df2, angast, pshift)
-    out = -np.sin(chi)
-    if bfactor:
-        out = out * np.exp(-bfactor * g2 / 4.0)
-    return out.astype(np.float32)
+    g2, az = _frequency_grid(ny, nx, pixel_size, half)
+    return _ctf_values(g2, az, voltage, cs, amplitude_contrast, df1, df2, angast, pshift, bfactor)
 
 
 def ctf_2d_stack(ny: int, pixel_size: float, voltage: float, cs: float, amplitude_contrast: float,
@@ -151,20 +163,10 @@ def ctf_2d_stack(ny: int, pixel_size: float, voltage: float, cs: float, amplitud
     df2 = np.broadcast_to(np.asarray(df2, dtype=np.float64), (n,))
     angast = np.broadcast_to(np.asarray(angast, dtype=np.float64), (n,))
     pshift = np.broadcast_to(np.asarray(pshift, dtype=np.float64), (n,))
-    fy, fx = fourier_grid_2d(ny, ny, half=half)
-    gy = fy.astype(np.float64) / pixel_size
-    gx = fx.astype(np.float64) / pixel_size
-    g2 = gx * gx + gy * gy
-    az = np.arctan2(np.broadcast_to(gy, g2.shape), np.broadcast_to(gx, g2.shape))
-    lam = electron_wavelength(voltage)
-    cs_a = cs * 1.0e7
-    w = amplitude_contrast_phase(amplitude_contrast)
-    env = np.exp(-bfactor * g2 / 4.0) if bfactor else None
+    g2, az = _frequency_grid(ny, ny, pixel_size, half)
     out = np.empty((n,) + g2.shape, dtype=np.float32)
     for i in range(n):
-        d = 0.5 * (df1[i] + df2[i] + np.cos(2.0 * (az - np.deg2rad(angast[i]))) * (df1[i] - df2[i]))
-        c = -np.sin(np.pi * lam * g2 * (d - 0.5 * lam * lam * g2 * cs_a) + pshift[i] + w)
-        out[i] = c if env is None else c * env
+        out[i] = _ctf_values(g2, az, voltage, cs, amplitude_contrast, df1[i], df2[i], angast[i], pshift[i], bfactor)
     return out
 
 
@@ -232,6 +234,5 @@ class CTFParams:
         if azimuth_deg is None:
             d = 0.5 * (self.df1 + self.df2)
         else:
-            a = np.deg2rad(azimuth_deg - self.angast)
-            d = 0.5 * (self.df1 + self.df2 + np.cos(2 * a) * (self.df1 - self.df2))
+            d = float(_defocus_at(np.deg2rad(azimuth_deg), self.df1, self.df2, self.angast))
         return ctf_1d(freq, self.voltage, self.cs, self.amplitude_contrast, d, self.pshift, self.bfactor)

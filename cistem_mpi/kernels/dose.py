@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cistem_mpi.kernels.grids import fourier_grid_2d
+
 __all__ = [
     "CRITICAL_EXPOSURE_A", "CRITICAL_EXPOSURE_B", "CRITICAL_EXPOSURE_C",
     "voltage_scaling_factor", "critical_exposure", "dose_filter", "frame_exposures",
@@ -81,8 +83,7 @@ def critical_exposure(k: np.ndarray | float, voltage: float = 300.0) -> np.ndarr
 
 def _k_grid(shape: tuple[int, int], pixel_size: float) -> np.ndarray:
     ny, nx = int(shape[0]), int(shape[1])
-    fy = np.fft.fftfreq(ny)[:, None] / pixel_size
-    fx = np.fft.rfftfreq(nx)[None, :] / pixel_size
+    fy, fx = (f / pixel_size for f in fourier_grid_2d(ny, nx, dtype=np.float64))
     return np.sqrt(fx * fx + fy * fy)
 
 

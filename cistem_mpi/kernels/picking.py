@@ -40,6 +40,7 @@ from numba import njit
 from cistem_mpi.kernels import fft as _fft
 from cistem_mpi.kernels.fft import nice_size
 from cistem_mpi.kernels.ctf import ctf_2d
+from cistem_mpi.kernels.grids import fourier_grid_2d
 
 __all__ = [
     "PickingParams", "PickResult", "nice_size", "resampled_shape", "fourier_resample",
@@ -207,8 +208,7 @@ def _resample_ft(f: np.ndarray, full: tuple[int, int], shape: tuple[int, int]) -
 # --------------------------------------------------------------------------
 
 def _radius_grid(ny: int, nx: int) -> np.ndarray:
-    fy = np.fft.fftfreq(ny)[:, None]
-    fx = np.fft.rfftfreq(nx)[None, :]
+    fy, fx = fourier_grid_2d(ny, nx, dtype=np.float64)
     return np.sqrt(fx * fx + fy * fy)
 
 

@@ -22,6 +22,7 @@ from numba import njit
 
 from cistem_mpi.kernels import fft as _fft
 from cistem_mpi.kernels.ctf import ctf_2d, ctf_2d_stack
+from cistem_mpi.kernels.grids import fourier_grid_2d
 from cistem_mpi.kernels.projection import VolumeFT, extract_slices
 from cistem_mpi.kernels.shifts import phase_shift, shift_phases
 
@@ -258,8 +259,7 @@ def gaussian_random_field(shape: tuple[int, int], rng: np.random.Generator, corr
     """
     ny, nx = shape
     white = rng.standard_normal(shape).astype(np.float32)
-    fy = np.fft.fftfreq(ny)[:, None]
-    fx = np.fft.rfftfreq(nx)[None, :]
+    fy, fx = fourier_grid_2d(ny, nx, dtype=np.float64)
     filt = np.exp(-2.0 * (np.pi * corr_length_px) ** 2 * (fx * fx + fy * fy) / 4.0).astype(np.float32)
     field = _fft.irfftn(_fft.rfftn(white) * filt, nx)
     sd = float(field.std())
@@ -615,8 +615,7 @@ def amorphous_potential_noise(shape: tuple[int, int], pixel_size: float, thickne
     t = np.clip(np.asarray(thickness, dtype=np.float64), 0.0, None)
     amp = SCATTERING_TO_VOLTS * f0 * np.sqrt(number_density * t) / pixel_size
     white = rng.standard_normal((ny, nx)) * amp
-    fy = np.fft.fftfreq(ny)[:, None] / pixel_size
-    fx = np.fft.rfftfreq(nx)[None, :] / pixel_size
+    fy, fx = (f / pixel_size for f in fourier_grid_2d(ny, nx, dtype=np.float64))
     q2 = fx * fx + fy * fy
     filt = np.sqrt(amorphous_structure_factor(np.sqrt(q2), s0, q_c)) * np.exp(-bfactor * q2 / 4.0)
     filt[0, 0] = 0.0
@@ -636,7 +635,6 @@ def detector_mtf(ny: int, nx: int | None = None, half: bool = True, kind: str = 
     >>> round(float(detector_mtf(8)[0, 4]), 3)
     0.637
     """
-    from cistem_mpi.kernels.grids import fourier_grid_2d
 
     fy, fx = fourier_grid_2d(ny, nx, half=half)
     if kind == "ideal":
@@ -936,8 +934,7 @@ def exposure_filter(shape: tuple[int, int], pixel_size: float, dose_start: float
     at 200 kV as in cisTEM), ``N_mid`` the frame's mid exposure.
     """
     ny, nx = shape
-    fy = np.fft.fftfreq(ny)[:, None] / pixel_size
-    fx = np.fft.rfftfreq(nx)[None, :] / pixel_size
+    fy, fx = (f / pixel_size for f in fourier_grid_2d(ny, nx, dtype=np.float64))
     k = np.sqrt(fx * fx + fy * fy)
     k[0, 0] = 1e-9
     ne = 0.245 * k ** -1.665 + 2.81
@@ -1047,8 +1044,7 @@ def simulate_movie_frames(intensity: np.ndarray, drift_px: np.ndarray, exposure_
     ny, nx = intensity.shape
     base = intensity.astype(np.float32) - 1.0
     f0 = _fft.rfftn(np.fft.ifftshift(base))
-    fy = np.fft.fftfreq(ny)[:, None]
-    fx = np.fft.rfftfreq(nx)[None, :]
+    fy, fx = fourier_grid_2d(ny, nx, dtype=np.float64)
     counts_per_px = exposure_per_frame * pixel_size * pixel_size
     sens = 1.0 if gain is None else (1.0 / gain)
     frames = []

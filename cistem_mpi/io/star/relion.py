@@ -21,6 +21,7 @@ from cistem_mpi.io.star.common import (
     atomic_write, column, detect_star_flavour, optics_block, override_pixel_size, parse_image_name, parse_value,
     read_blocks,
 )
+from cistem_mpi.kernels.euler import relion_origin_to_shift, shift_to_relion_origin
 
 __all__ = ["read_relion", "write_relion_star", "star_protein_is_white", "relion_readability_problems",
            "CONTRAST_MARK", "RELION_OPTICS_REQUIRED"]
@@ -99,7 +100,7 @@ def read_relion(path: Path, blocks: dict, table: pd.DataFrame, user_ps: float | 
             bad = next(s for s in image_names if not _valid_image_name(s))
             raise InputError(path, f"_rlnImageName '{bad}' is not of the form N@stack") from None
 
-    # ---------------- angles, shifts, CTF
+    # ---------------- angles (as is, see kernels.euler), shifts, CTF
     for label, field in (("rlnAngleRot", "phi"), ("rlnAngleTilt", "theta"), ("rlnAnglePsi", "psi"),
                          ("rlnDefocusU", "df1"), ("rlnDefocusV", "df2"), ("rlnDefocusAngle", "angast")):
         v = column(table, label, path)
@@ -107,9 +108,8 @@ def read_relion(path: Path, blocks: dict, table: pd.DataFrame, user_ps: float | 
             params[field] = v
     ox = column(table, "rlnOriginXAngst", path)
     if ox is not None:
-        # 0.0 - x: the particle sits at -origin, and no negative zeros in the output
-        params["shx"] = 0.0 - ox
-        params["shy"] = 0.0 - column(table, "rlnOriginYAngst", path)
+        params["shx"] = relion_origin_to_shift(ox)
+        params["shy"] = relion_origin_to_shift(column(table, "rlnOriginYAngst", path))
     else:
         ox_px = column(table, "rlnOriginX", path)
         if ox_px is not None:
@@ -117,8 +117,8 @@ def read_relion(path: Path, blocks: dict, table: pd.DataFrame, user_ps: float | 
             if np.any(ps_per_particle <= 0) and (np.any(ox_px != 0) or np.any(oy_px != 0)):
                 raise InputError(path, "origins are in pixels (_rlnOriginX/Y) but the pixel size is unknown; "
                                        "give the pixel size")
-            params["shx"] = 0.0 - ox_px * ps_per_particle
-            params["shy"] = 0.0 - oy_px * ps_per_particle
+            params["shx"] = relion_origin_to_shift(ox_px * ps_per_particle)
+            params["shy"] = relion_origin_to_shift(oy_px * ps_per_particle)
     ph = column(table, "rlnPhaseShift", path)
     if ph is not None:
         params["pshift"] = np.deg2rad(ph)
@@ -413,14 +413,14 @@ def write_relion_star(
         ("rlnAnglePsi", _fmt_float32(prm["psi"])),
     ]
     if style == "3.1":
-        cols += [("rlnOriginXAngst", _fmt_float32(0.0 - prm["shx"])),
-                 ("rlnOriginYAngst", _fmt_float32(0.0 - prm["shy"]))]
+        cols += [("rlnOriginXAngst", _fmt_float32(shift_to_relion_origin(prm["shx"]))),
+                 ("rlnOriginYAngst", _fmt_float32(shift_to_relion_origin(prm["shy"])))]
     else:
         if n and np.any(pix <= 0):
             raise InputError(p, "cannot write RELION 3.0 origins in pixels: pixel size unknown")
         # full float64 precision: the pixel origins must give back the same Å shifts
-        cols += [("rlnOriginX", [repr(v) for v in (0.0 - prm["shx"].astype(np.float64) / pix).tolist()]),
-                 ("rlnOriginY", [repr(v) for v in (0.0 - prm["shy"].astype(np.float64) / pix).tolist()])]
+        cols += [("rlnOriginX", [repr(v) for v in (shift_to_relion_origin(prm["shx"]) / pix).tolist()]),
+                 ("rlnOriginY", [repr(v) for v in (shift_to_relion_origin(prm["shy"]) / pix).tolist()])]
     cols += [
         ("rlnDefocusU", _fmt_float32(prm["df1"])),
         ("rlnDefocusV", _fmt_float32(prm["df2"])),
