@@ -36,6 +36,16 @@ def _angle_error(a, b):
     return abs((a - b + 90.0) % 180.0 - 90.0)
 
 
+def information_limit(bfactor=50.0, cutoff=None, pixel_size=PX):
+    """Finest spacing (Å) with simulated signal: the hard cutoff, the B envelope at 1 %, and Nyquist."""
+    limit = 2.0 * pixel_size
+    if cutoff is not None:
+        limit = max(limit, cutoff)
+    if bfactor > 0:
+        limit = max(limit, 1.0 / np.sqrt(4.0 * np.log(100.0) / bfactor))
+    return limit
+
+
 def _check(r, df1, df2, ang):
     tol = lambda d: max(0.01 * d, 50.0)  # noqa: E731
     t1, t2, ta = (df1, df2, ang) if df1 >= df2 else (df2, df1, ang + 90.0)
@@ -63,6 +73,7 @@ def test_defocus_and_astigmatism_across_half_to_five_micrometres(df1, df2, ang):
     _check(r, df1, df2, ang)
     assert r.score > 0.1
     assert r.pshift == 0.0
+    assert r.fit_resolution >= information_limit()
 
 
 @pytest.mark.parametrize("pshift", [0.4, 1.5, 2.7])
@@ -73,13 +84,14 @@ def test_phase_plate_shift_within_a_tenth_of_a_radian(pshift):
     _check(r, df1, df2, ang)
     d = (r.pshift - pshift + np.pi / 2) % np.pi - np.pi / 2  # |CTF| fixes the shift modulo pi
     assert abs(d) < 0.1, (r.pshift, pshift)
+    assert r.fit_resolution >= information_limit()
 
 
 @pytest.mark.parametrize("cutoff,defocus", [(4.0, 9000), (6.0, 30000), (8.0, 18000)])
 def test_fit_resolution_never_better_than_the_information_limit(cutoff, defocus):
     img = simulate(defocus + 300, defocus - 300, 10.0, bfactor=0.0, cutoff=cutoff, seed=11)
     r = estimate_ctf(img, PX, 300.0, 2.7, 0.07)
-    assert r.fit_resolution >= cutoff
+    assert r.fit_resolution >= information_limit(0.0, cutoff)
     assert r.fit_resolution < cutoff * 1.25  # and it finds the limit
 
 
@@ -88,8 +100,7 @@ def test_fit_resolution_follows_the_envelope(bfactor):
     img = simulate(15300, 14700, 60.0, bfactor=bfactor, seed=13)
     r = estimate_ctf(img, PX, 300.0, 2.7, 0.07)
     # beyond the frequency where the envelope exp(-B g^2 / 4) is 1 % there is no information left
-    g_limit = np.sqrt(4.0 * np.log(100.0) / bfactor)
-    assert r.fit_resolution >= 1.0 / g_limit
+    assert r.fit_resolution >= information_limit(bfactor)
     _check(r, 15300, 14700, 60.0)
 
 
@@ -99,6 +110,22 @@ def test_resampled_small_pixel():
     r = estimate_ctf(img, 0.75, 300.0, 2.7, 0.07, CtffindOptions(box=256))
     assert 1.3 < r.pixel_size_for_fitting <= 1.4
     _check(r, 12400, 11600, 100.0)
+    # Nyquist of the resampled spectrum, not of the image
+    assert r.fit_resolution >= information_limit(pixel_size=r.pixel_size_for_fitting)
+
+
+@pytest.mark.parametrize("thickness", [False, True])
+def test_fit_resolution_stops_at_nyquist_of_a_coarse_pixel(thickness):
+    """3 Å pixels, fit to 8 Å: the rings stay good to the spectrum's edge (B = 20), yet the fit resolution
+    is never finer than Nyquist, 6 Å.  The FRC's bins run to the corner (sqrt 2 x Nyquist): 4.25 Å before."""
+    img = simulate(15200, 14800, 30.0, bfactor=20.0, n=512, px=3.0, seed=23)
+    opts = CtffindOptions(box=256, max_resolution=8.0, thickness=thickness)
+    r = estimate_ctf(img, 3.0, 300.0, 2.7, 0.07, opts)
+    if not thickness:  # the slab fit moves the defocus a little; its own tests check it
+        _check(r, 15200, 14800, 30.0)
+    assert information_limit(20.0, pixel_size=3.0) == 6.0  # Nyquist: the envelope reaches past it
+    assert r.fit_resolution >= 6.0
+    assert r.fit_resolution < 6.0 * 1.05
 
 
 def test_astigmatism_restraint_pulls_towards_zero():

@@ -188,6 +188,32 @@ def test_fit_resolution_thresholds_as_ctffind():
     assert K.fit_resolution_bin(frc) == nb - 1  # scanning starts at 10 %; bins 10..29 below 0.1 but not yet 3 above
 
 
+def test_fit_resolution_bin_stops_at_nyquist():
+    """The profile's bins run to the corner (box / sqrt 2 of them); no bin past Nyquist (box / 2) is reported."""
+    box = 128
+    nb = int(np.ceil(box / np.sqrt(2.0)))
+    nyq = box // 2
+    assert K.fit_resolution_bin(np.ones(nb), last_bin=nyq) == nyq  # good to the corner: Nyquist
+    frc = np.r_[np.full(80, 0.9), np.full(nb - 80, 0.2)]  # fails only past Nyquist
+    assert K.fit_resolution_bin(frc) == 80 and K.fit_resolution_bin(frc, last_bin=nyq) == nyq
+    frc = np.r_[np.full(40, 0.9), np.full(nb - 40, 0.2)]  # fails before Nyquist: as without the limit
+    assert K.fit_resolution_bin(frc, last_bin=nyq) == K.fit_resolution_bin(frc) == 40
+    # the obvious reference: ctffind's scan over bins 0.1 nb .. last_bin
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        frc = np.clip(np.cumsum(rng.normal(0, 0.08, nb)) + 0.9, -1, 1)
+        first, got = int(0.1 * nb), K.fit_resolution_bin(frc, last_bin=nyq)
+        low = high = sig = 0
+        ref = None
+        for b in range(first, nyq + 1):
+            if (low > 3 and frc[b] < 0.1) or (high > 3 and frc[b] < 0.5):
+                ref = b
+                break
+            low, sig, high = low + (frc[b] > 0.1), sig + (frc[b] > 0.5), high + (frc[b] > 0.66)
+        ref = 1 if sig == 0 else (nyq if ref is None else ref)
+        assert got == ref
+
+
 def test_frc_window_correlation_against_loops():
     rng = np.random.default_rng(6)
     nb = 120

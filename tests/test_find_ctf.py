@@ -260,3 +260,27 @@ def test_exported_txt_imports_back_as_the_same_estimate(imported, tmp_path):
             assert a["image_id"] == b["image_id"]
             for key in ("df1", "df2", "angast", "fit_resolution", "score"):
                 assert b[key] == pytest.approx(a[key], abs=2e-6 * max(1.0, abs(a[key])))
+
+
+def test_fit_resolution_never_finer_than_nyquist_at_3_angstrom_pixels(tmp_path):
+    """3 Å/px (Nyquist 6 Å), ``--max-resolution 8``: the Thon rings stay good to the edge of the spectrum.
+
+    The FRC's bins run out to the spectrum's corner (sqrt 2 x Nyquist); the fit resolution used to be
+    reported from the last of them, 4.25 Å, for every image.  It must stop at Nyquist (issue #11: never
+    better than the information limit, which here is past Nyquist: B = 50 Å²).
+    """
+    px = 3.0
+    sim = simulate_micrographs(tmp_path / "sim", n_micrographs=1, shape=(1024, 1024), pixel_size=px,
+                               defocus_mean=15000.0, defocus_spread=0.0, astigmatism=300.0, exposure=40.0,
+                               seed=4, n_per_micrograph=10)
+    root = tmp_path / "proj"
+    Project.create(root).close()
+    assert main(["import", "images", "-p", str(root), "--pixel-size", str(px)] + [str(m) for m in sim.micrographs]) == 0
+    assert main(["find-ctf", "-p", str(root), "--max-resolution", "8"]) == 0
+    (row,) = _estimates(root)
+    assert abs(0.5 * (row["df1"] + row["df2"]) - 0.5 * float(sim.ctf[0][0] + sim.ctf[0][1])) < 150
+    assert row["fit_resolution"] >= 2.0 * px  # Nyquist of the fitted spectrum (no resampling at 3 Å)
+    assert row["fit_resolution"] < 2.0 * px * 1.05  # and the good fit does reach it
+    # the ctffind .txt carries the same number
+    est = read_ctf_estimates(root / row["output_path"])
+    assert est[0].fit_resolution >= 2.0 * px

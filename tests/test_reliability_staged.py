@@ -71,8 +71,10 @@ def test_unregistered_file_never_blocks_a_name(base, tmp_path):
 
     assert mrcfile.read(stray).shape == (32, 32, 32)  # replaced by the registered volume
     assert db_rows(root, "SELECT path FROM volumes") == [("Assets/Volumes/volume_1_1.mrc",)]
-    # a registered name does block
-    assert main(["reconstruct", "-p", str(root), "--refinement", "1"]) == 2
+    # a registered name is not reused: reconstructing again gives the next free name (issue #16 item 4)
+    assert main(["reconstruct", "-p", str(root), "--refinement", "1"]) == 0
+    assert db_rows(root, "SELECT path FROM volumes ORDER BY id") == [("Assets/Volumes/volume_1_1.mrc",),
+                                                                     ("Assets/Volumes/volume_1_1_2.mrc",)]
 
 
 def test_finished_job_killed_before_its_renames_is_rolled_forward(base, tmp_path, monkeypatch):

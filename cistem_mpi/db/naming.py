@@ -117,6 +117,60 @@ def asset_path_taken(conn: sqlite3.Connection, table: str, stored_path: str) -> 
     return row is not None
 
 
+def next_free_volume_name(conn: sqlite3.Connection, file_name: str, display_name: str) -> tuple[str, str]:
+    """The first volume name (file and display name) of this base that the project has not registered.
+
+    A volume made again from the same parameters (``reconstruct`` run twice
+    on a refinement, or after ``manual-refine`` registered its map) gets a
+    new name, as cisTEM's Generate 3D makes a new volume every time, and the
+    old one stays: ``volume_9_1.mrc`` / ``Local #9 (Rnd. 1) - Class #1``,
+    then ``volume_9_1_2.mrc`` / ``... - Class #1 #2``, ``volume_9_1_3.mrc``
+    / ``... #3``.  A number is free when no registered volume has that file
+    (in ``Assets/Volumes``) or that display name.  As for
+    :func:`asset_path_taken`, the database claims names: a file left under
+    a name by a killed job, never registered, does not block it.
+
+    Parameters
+    ----------
+    conn : sqlite3.Connection
+    file_name : str
+        The base file name, e.g. ``volume_9_1.mrc`` (no folder).
+    display_name : str
+        Its display name.
+
+    Returns
+    -------
+    (file name, display name)
+        The base names when free, else the first free numbered pair (from 2).
+
+    >>> import sqlite3
+    >>> c = sqlite3.connect(":memory:"); _ = c.execute("CREATE TABLE volumes(path TEXT, display_name TEXT)")
+    >>> next_free_volume_name(c, "volume_9_1.mrc", "Local #9 (Rnd. 1) - Class #1")
+    ('volume_9_1.mrc', 'Local #9 (Rnd. 1) - Class #1')
+    >>> _ = c.execute("INSERT INTO volumes VALUES ('Assets/Volumes/volume_9_1.mrc', 'Local #9 (Rnd. 1) - Class #1')")
+    >>> next_free_volume_name(c, "volume_9_1.mrc", "Local #9 (Rnd. 1) - Class #1")
+    ('volume_9_1_2.mrc', 'Local #9 (Rnd. 1) - Class #1 #2')
+    """
+    base = Path(file_name)
+    stem, suffix = base.stem, base.suffix or ".mrc"
+    folder = ASSET_DIRS["volumes"]
+    # the volumes table holds one row per map (hundreds at most): read its names once, find the gap here
+    rows = conn.execute("SELECT path, display_name FROM volumes").fetchall()
+    files = set()
+    for r in rows:
+        parent, _, name = str(r[0]).replace("\\", "/").rpartition("/")
+        if parent.endswith(folder):  # project-relative or absolute, but in this project's volume folder
+            files.add(name)
+    names = {str(r[1]) for r in rows}
+    k = 1
+    while True:
+        f = f"{stem}{suffix}" if k == 1 else f"{stem}_{k}{suffix}"
+        d = display_name if k == 1 else f"{display_name} #{k}"
+        if f not in files and d not in names:
+            return f, d
+        k += 1
+
+
 def stack_path_taken(conn: sqlite3.Connection, path, directory) -> bool:
     """True when a registered particle stack has this file (stored relative or absolute)."""
     from pathlib import Path

@@ -98,11 +98,8 @@ def _job(ctx: JobContext) -> dict:
                 todo.append((stack_path, ps, name, display,
                              {"kind": "refinement", "run_number": ref["run"], "class_number": c,
                               "refinement_id": ref["run"]}))
-        for _, _, name, _, _ in todo:
-            target = ctx.project.root / naming.ASSET_DIRS["volumes"] / name  # type: ignore[union-attr]
-            # the database claims names: an unregistered file left by a killed job does not block one
-            if naming.asset_path_taken(ctx.project.conn, "volumes", ctx.project.store_path(target)):  # type: ignore[union-attr]
-                raise InputError(target, "a volume of this name already exists in the project")
+        # a refinement reconstructed again (other settings, or after manual-refine registered its map) gets
+        # a new volume under the next free name when it is written (write_volume_assets); the old one stays
         from cistem_mpi.io.mrc import read_mrc_header
 
         box = int(read_mrc_header(stack_path).shape[2])
@@ -117,7 +114,8 @@ def _job(ctx: JobContext) -> dict:
         result = reconstruct_particles(ctx.world, stack, particles, settings, progress=ctx.progress, invert=invert)
         if ctx.is_controller:
             assert result is not None and particles is not None
-            write_volume_assets(ctx, result, name, display, float(particles.optics[0].pixel_size), **fields)
-            results[display] = {"resolution": round(result.resolution, 3), "particles": result.n_particles,
-                                "bfactor": round(result.bfactor, 1)}
+            name, display = write_volume_assets(ctx, result, name, display, float(particles.optics[0].pixel_size),
+                                                new_name_if_taken=True, **fields)
+            results[display] = {"file": name, "resolution": round(result.resolution, 3),
+                                "particles": result.n_particles, "bfactor": round(result.bfactor, 1)}
     return {"volumes": results, "symmetry": symmetry}

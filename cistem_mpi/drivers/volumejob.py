@@ -270,13 +270,40 @@ def volume_set_bytes(box: int) -> int:
 
 
 def write_volume_assets(ctx: JobContext, result: Reconstruction, file_name: str, display_name: str,
-                        pixel_size: float, **fields: Any) -> None:
-    """Write the maps, orth views and FSC picture; register the volume (rank 0)."""
+                        pixel_size: float, new_name_if_taken: bool = False, **fields: Any) -> tuple[str, str]:
+    """Write the maps, orth views and FSC picture; register the volume (rank 0).
+
+    Parameters
+    ----------
+    ctx : JobContext
+        The job (rank 0); the files are staged and registered with its rows.
+    result : Reconstruction
+    file_name, display_name : str
+        The volume's names, e.g. ``volume_9_1.mrc`` and ``Local #9 (Rnd. 1) - Class #1``.
+    pixel_size : float
+        Å per voxel.
+    new_name_if_taken : bool
+        When the project already has a volume of this name: False (refine,
+        ab-initio, whose runs are new) refuses with an :class:`InputError`;
+        True (``reconstruct`` again on a refinement) registers a new volume
+        under the next free name (:func:`~cistem_mpi.db.naming.next_free_volume_name`,
+        ``volume_9_1_2.mrc`` / ``... #2``) and leaves the old one alone.
+    **fields
+        Further columns of the ``volumes`` row.
+
+    Returns
+    -------
+    (file name, display name)
+        The names registered.
+    """
     from cistem_mpi.io.mrc import write_mrc
     from cistem_mpi.io.plots import save_fsc_png, save_image_png
     from cistem_mpi.kernels.orth_views import orth_views
 
     assert ctx.project is not None
+    if new_name_if_taken:
+        # chosen here, just before staging, so the name is read from the database as late as possible
+        file_name, display_name = naming.next_free_volume_name(ctx.project.conn, file_name, display_name)
     root = ctx.project.root
     vol_dir = root / naming.ASSET_DIRS["volumes"]
     orth_dir = root / naming.ASSET_DIRS["orth_views"]
@@ -318,6 +345,7 @@ def write_volume_assets(ctx: JobContext, result: Reconstruction, file_name: str,
                  resolution=float(result.resolution), fsc=fsc_json, **paths, **fields)
     ctx.log.info("%s: %d particles, %.2f Å at FSC 0.143, B %.0f Å² -> %s", display_name, result.n_particles,
                  result.resolution, result.bfactor, paths["path"])
+    return file_name, display_name
 
 
 def settings_from_args(a: dict[str, Any], symmetry: str) -> ReconstructionSettings:

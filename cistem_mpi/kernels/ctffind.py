@@ -30,7 +30,10 @@ The steps follow ctffind (``src/programs/ctffind/ctffind.cpp`` and
    correlation (FRC) per bin; the first bin where it falls below 0.1 (after
    > 3 bins above 0.1) or below 0.5 (after > 3 bins above 0.66), as ctffind.
    The reported fit resolution is the spacing of the last bin that passed
-   (ctffind reports the first that failed, up to a bin optimistic).
+   (ctffind reports the first that failed, up to a bin optimistic).  The
+   scan stops at the spectrum's Nyquist (bin ``box / 2``, ``2 x`` the fitted
+   pixel size): ctffind's bins run out to the corner, so a fit that stays
+   good to the edge would be reported up to ``sqrt 2`` finer than Nyquist.
 7. **CTF aliasing**: the frequency past which two CTF extrema are fewer
    than 4 bins apart.
 8. **No fit**: a best score below ``6 / sqrt(pixels)`` (the reach of noise
@@ -957,37 +960,55 @@ def frc_with_fit(average: np.ndarray, fit: np.ndarray, extrema: np.ndarray,
     return frc, sigma
 
 
-def fit_resolution_bin(frc: np.ndarray) -> int:
-    """Last bin with a good fit, ctffind's thresholds (0.1, 0.5, 0.66).
+def fit_resolution_bin(frc: np.ndarray, last_bin: int | None = None) -> int:
+    """Last bin with a good fit, ctffind's thresholds (0.1, 0.5, 0.66), held at Nyquist.
 
     Scanning from 10 % of the bins: stop at the first bin below 0.1 once
     more than 3 bins were above 0.1, or below 0.5 once more than 3 were
-    above 0.66.  All above 0.5 -> the last bin; none -> bin 1.
+    above 0.66.  All above 0.5 -> ``last_bin``; none -> bin 1.
+
+    Parameters
+    ----------
+    frc : FRC per bin (bins out to the spectrum's corner, as ctffind's)
+    last_bin : the last bin that may be reported, the spectrum's Nyquist
+        bin ``box // 2`` (default: the last bin).  ctffind scans out to
+        the corner of the spectrum (``sqrt 2`` times Nyquist), so a fit
+        that stays good to the edge was reported finer than Nyquist; the
+        scan stops here instead.
+
+    Returns
+    -------
+    int
+        The first bin that failed (ctffind's ``last_bin_with_good_fit``),
+        ``last_bin`` when none failed up to it.
 
     >>> fit_resolution_bin(np.r_[np.ones(50), np.zeros(50)])
     50
+    >>> fit_resolution_bin(np.ones(100), last_bin=70)
+    70
     """
     frc = np.asarray(frc, np.float64)
     nb = frc.size
+    stop = nb - 1 if last_bin is None else int(min(max(last_bin, 1), nb - 1))
     first = int(0.1 * nb)
-    if first >= nb:
+    if first > stop:
         return 1
     above_low = above_sig = above_high = 0
     last = -1
-    for b in range(first, nb):
+    for b in range(first, stop + 1):
         if (above_low > 3 and frc[b] < 0.1) or (above_high > 3 and frc[b] < 0.5):
             last = b
             break
         above_low += frc[b] > 0.1
         above_sig += frc[b] > 0.5
         above_high += frc[b] > 0.66
-    if above_sig == nb - first:
-        last = nb - 1
+    if above_sig == stop + 1 - first:
+        last = stop
     if above_sig == 0:
         last = 1
     if last < 1:
-        last = nb - 1
-    return int(min(last, nb - 1))
+        last = stop
+    return int(min(last, stop))
 
 
 def aliasing_bin(extrema: np.ndarray) -> int:
@@ -1170,7 +1191,8 @@ def estimate_ctf(image: np.ndarray, pixel_size: float, voltage: float, cs: float
         raise ValueError(f"no CTF fit inside the range (best score {score:.3g})")
     freq, avrot0, epa, fit, ext, frc, sig = _profiles(spec, pf, voltage, cs, amplitude_contrast, df1, df2, ang, p,
                                                      low_f)
-    last = fit_resolution_bin(frc)
+    # bins run out to the corner of the spectrum; the fit resolution stops at its Nyquist (2 pf)
+    last = fit_resolution_bin(frc, last_bin=n // 2)
     # no fit: the score is within the reach of noise (the best of many trials of an NCC over n pixels
     # has a spread of about 1 / sqrt(n)), or no bin of the FRC passed 0.5
     n_pix = _fitted_pixel_count(n, pf, low_f, high_f)
@@ -1538,7 +1560,7 @@ def estimate_thickness(spectrum: np.ndarray, pixel_size: float, voltage: float, 
     low_fit = 1.0 / opts.min_resolution
     first_fit = int(np.searchsorted(freq, low_fit))
     frc, sig = frc_with_fit(renormalise_for_frc(epa, model, ext), model, ext, first_fit, window_scale=1.5)
-    last = fit_resolution_bin(frc)
+    last = fit_resolution_bin(frc, last_bin=n // 2)
     fit_res = float(1.0 / freq[max(last - 1, 1)]) if last > 1 else fit.fit_resolution
     sel = (freq > low_fit) & (freq < high_f)
     return dataclasses.replace(fit, df1=float(df1), df2=float(df2), angast=float(ang), thickness=float(t),
