@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the built-in dataset (simulated from PDB 8ZPM), end to end.
+# The whole pipeline on the built-in dataset: movies simulated from PDB 8ZPM -> cistem-mpi pipeline -> refined
+# map, compared with the truth (add --compare for the chain from the true parameters beside it).
 demo: $(STAMP)
 	$(BIN)/cistem-mpi demo --directory demo_project --ranks 3 --force
 
@@ -45,4 +46,4 @@ bench: $(STAMP)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf demo_project demo_project-data .pytest_cache
+	rm -rf demo_project demo_project-data demo_project-truth .pytest_cache
