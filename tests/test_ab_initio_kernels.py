@@ -184,12 +184,22 @@ def test_alignment_to_a_reference_tries_both_hands():
     turned = ai.shift_volume(ai.rotate_volume(v, r, order=3), np.array([2.0, -1.0, 1.0]))
     same = ai.align_to_reference(turned, v)
     assert not same["mirrored"] and same["cc"] > 0.97
+    # the returned map is the volume moved onto the reference (shift included), not only its score
+    assert np.corrcoef(same["aligned"].ravel(), v.ravel())[0, 1] > 0.97
     assert set(same["cc_by_hand"]) == {False, True}
     assert same["cc_by_hand"][True] < same["cc"] - 0.15
     flipped = ai.align_to_reference(ai.mirror(turned), v)
     assert flipped["mirrored"] and flipped["cc"] > 0.97
     # a chiral map: no rotation of the wrong hand fits
     assert flipped["cc_by_hand"][False] < flipped["cc"] - 0.15
+
+
+def test_alignment_to_a_reference_undoes_a_pure_shift():
+    v = _blobs(32, _chiral_points(), width=1.5)
+    moved = ai.shift_volume(v, np.array([3.0, -2.0, 1.0]))
+    fit = ai.align_to_reference(moved, v, hands=(False,))
+    np.testing.assert_allclose(fit["shift"], [-3.0, 2.0, -1.0], atol=0.6)
+    assert np.corrcoef(fit["aligned"].ravel(), v.ravel())[0, 1] > 0.98
 
 
 # ------------------------------------------------------------------ the search

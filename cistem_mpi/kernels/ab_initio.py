@@ -629,7 +629,8 @@ def _best_translation(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]:
     a0, b0 = a - a.mean(), b - b.mean()
     cc = _fft.iftn(np.conj(_fft.ftn(a0)) * _fft.ftn(b0), n)
     k = np.unravel_index(int(np.argmax(cc)), cc.shape)
-    s = np.array([(k[2] + n // 2) % n - n // 2, (k[1] + n // 2) % n - n // 2, (k[0] + n // 2) % n - n // 2], float)
+    # iftn returns the correlation centred (fftshift): zero shift is at index n // 2
+    s = np.array([k[2] - n // 2, k[1] - n // 2, k[0] - n // 2], float)
     den = np.sqrt(float((a0 * a0).sum()) * float((b0 * b0).sum()))
     return s, float(cc[k] / den) if den > 0 else 0.0
 
