@@ -59,18 +59,9 @@ class ReconstructionSettings:
 
 
 @dataclass
-class Reconstruction:
-    """Result on rank 0 (None on the other ranks)."""
+class Reconstruction(r3.ReconstructedMaps):
+    """Result on rank 0 (None on the other ranks): the maps and curves, and what the job adds."""
 
-    volume: np.ndarray
-    half1: np.ndarray
-    half2: np.ndarray
-    sharpened: np.ndarray
-    frequency: np.ndarray  # 1/Å per shell
-    fsc: np.ndarray  # half-map FSC (masked if a mask radius was given)
-    fsc_unmasked: np.ndarray
-    resolution: float  # Å at FSC = 0.143
-    bfactor: float
     n_particles: int
     extra: dict[str, Any] = field(default_factory=dict)
 
