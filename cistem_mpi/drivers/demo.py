@@ -92,8 +92,10 @@ rounds = {c2d_rounds}
 all-particles-rounds = 2
 
 [select-classes]
-# the classes classify-2d ranked and selected automatically
-classes = "auto"
+# every class: simulated particles hold no junk, and at 5 rounds on a few hundred particles the automatic
+# ranking ("auto", the default for real data) can drop whole good views, which then costs ab-initio its start
+# (measured: auto kept 2 of 5 classes, 304 of 513 particles, and the map ended at 16 Å against 8 Å)
+classes = [1, 2, 3, 4, 5]
 
 [package-classes]
 # the particles of the selected classes, in the same 48 px boxes: nothing to set
@@ -603,8 +605,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"   the pipeline's map is at most {cmp['max_deficit']:.3f} below the true-parameter chain's in any "
               f"shell ({'within' if ok else 'NOT within'} 0.05)")
     if "pipeline" in results:
-        print("   the demo's problem is easy on purpose: high SNR and a few hundred particles, where ab-initio gives "
-              "a usable start (README: ab-initio's known limitation on hard problems)")
+        print("   the demo's problem is small on purpose (high SNR, a few hundred particles) so that the whole chain "
+              "runs in minutes on a laptop")
     print(f"   orth views and FSC curves: {root / 'Assets/Volumes/OrthViews'}")
     print(f"   jobs: cistem-mpi status -p {root}")
     print(f"   total {total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
