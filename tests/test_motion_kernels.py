@@ -311,7 +311,7 @@ def test_ssnr_filter_matches_the_ring_by_ring_reference_and_the_known_ssnr():
     assert np.median(got[ring > 0.32]) < 0.2
 
 
-def test_final_stage_off_reproduces_unblur_rounds_only():
+def test_final_stage_on_and_off_both_find_the_shifts():
     from cistem_mpi.kernels.motion import AlignmentSettings, MovieAligner
 
     rng = np.random.default_rng(5)

@@ -20,21 +20,10 @@ from cistem_mpi import cli
 from cistem_mpi.db.project import Project
 from cistem_mpi.drivers import pipeline as pl
 from cistem_mpi.drivers.simulate import simulate_movies
+from helpers_pipeline import FAST
 
 PS = 1.5
 EPF = 4.0
-#: Settings that keep the short chain quick on 512² images.
-FAST = """
-[align-movies]
-max-iterations = 5
-
-[find-ctf]
-box = 256
-max-resolution = 8.0
-min-defocus = 8000.0
-max-defocus = 25000.0
-defocus-step = 500.0
-"""
 
 
 def _jobs(root: Path) -> list[dict]:

@@ -9,33 +9,19 @@ start here.  The pip MPICH needs ``srun --mpi=pmi2``.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers_slurm import wait_for_job
+from helpers_slurm import cistem_exe, wait_for_job
 from runtime_helpers import REPO, jobs, new_project, run
 
 pytestmark = pytest.mark.slurm
 
-def _cistem_exe() -> str:
-    """The cistem-mpi command of the interpreter running the tests."""
-    exe = Path(sys.executable).parent / "cistem-mpi"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("cistem-mpi")
-    if not found:
-        pytest.skip("the cistem-mpi command is not installed (pip install -e .)")
-    return found
-
-
 @pytest.fixture
 def env(slurm):
-    exe = _cistem_exe()
+    exe = cistem_exe()
     return {**slurm.env, "CISTEM_MPI": exe, "PATH": f"{os.path.dirname(exe)}:{os.environ.get('PATH', '')}"}
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,21 +19,12 @@ import pytest
 from cistem_mpi import cli
 from cistem_mpi.db.project import Project
 from cistem_mpi.drivers.simulate import simulate_movies
+from helpers_pipeline import FAST
+from helpers_slurm import cistem_exe
 from runtime_helpers import REPO, run
 
 PS = 1.5
 EPF = 4.0
-FAST = """
-[align-movies]
-max-iterations = 5
-
-[find-ctf]
-box = 256
-max-resolution = 8.0
-min-defocus = 8000.0
-max-defocus = 25000.0
-defocus-step = 500.0
-"""
 PICK = """
 [find-particles]
 ranks = 2
@@ -146,20 +135,10 @@ def test_print_steps_gives_each_steps_ranks(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ real Slurm
-def _cistem_exe() -> str:
-    exe = Path(sys.executable).parent / "cistem-mpi"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("cistem-mpi")
-    if not found:
-        pytest.skip("the cistem-mpi command is not installed (pip install -e .)")
-    return found
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_chain_as_dependent_slurm_jobs(slurm, tmp_path):
-    exe = _cistem_exe()
+    exe = cistem_exe()
     env = {**slurm.env, "CISTEM_MPI": exe, "PATH": f"{os.path.dirname(exe)}:{os.environ.get('PATH', '')}"}
     root = _movies_project(tmp_path)
     cfg = tmp_path / "chain.toml"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Sequence
 
+from cistem_mpi.db.selection import by_id_or_name
+
 __all__ = ["ASSET_TABLES", "registered_paths", "image_rows", "newest_ctf_estimate", "positions_to_extract"]
 
 #: Tables whose rows are files the project imported (a ``path`` column each).
@@ -68,16 +70,9 @@ def positions_to_extract(conn: sqlite3.Connection, jobs: Sequence[int] | None = 
         where.append(f"p.job_id IN ({','.join('?' * len(jobs))})")
         args += [int(j) for j in jobs]
     if images:
-        ids = [int(i) for i in images if str(i).isdigit()]
-        names = [str(i) for i in images if not str(i).isdigit()]
-        sel = []
-        if ids:
-            sel.append(f"i.id IN ({','.join('?' * len(ids))})")
-            args += ids
-        if names:
-            sel.append(f"i.name IN ({','.join('?' * len(names))})")
-            args += names
-        where.append("(" + " OR ".join(sel) + ")")
+        sel, sel_args = by_id_or_name(images, "i")
+        where.append(sel)
+        args += sel_args
     sql = ("SELECT p.id, p.image_id, p.x, p.y FROM particle_positions p JOIN images i ON i.id = p.image_id"
            + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY p.image_id, p.id")
     return [tuple(r) for r in conn.execute(sql, args).fetchall()]  # type: ignore[misc]
