@@ -6,7 +6,12 @@ Prints, per box size (128 and 256 by default; padding factor 2, trilinear):
   version of the same interpolation (``extract_slices_numpy``),
 * CTF-weighted insertions per second: numba ``insert_slices`` vs a numpy
   version of the same half-stored insertion written below,
-* simulated particles per second (projection + CTF + shift + noise).
+* simulated particles per second (projection + CTF + shift + noise),
+* milliseconds per inserted image at padding 1 and 2: the trilinear
+  reconstruct kernel (fast path for interior taps) against the general
+  tap-by-tap kernel it replaced (``_insert_slices(..., fast=False)``), the
+  best of several repeats of short batches, in thread CPU time (robust on
+  a shared machine).
 
 Everything runs on one core (numba without parallel loops, one FFT thread):
 the MPI model is one rank per core.
@@ -25,7 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from cistem_mpi.kernels import fft  # noqa: E402
-from cistem_mpi.kernels.backprojection import insert_slices, new_accumulators  # noqa: E402
+from cistem_mpi.kernels.backprojection import _insert_slices, insert_slices, new_accumulators  # noqa: E402
 from cistem_mpi.kernels.ctf import ctf_2d_stack  # noqa: E402
 from cistem_mpi.kernels.euler import random_rotations  # noqa: E402
 from cistem_mpi.kernels.projection import extract_slices, extract_slices_numpy, prepare_volume_ft  # noqa: E402
@@ -140,11 +145,35 @@ def bench_box(box: int, n: int, n_numpy: int) -> dict:
     }
 
 
+def bench_insert_ms(box: int, pad: float, n: int = 100, chunk: int = 10, repeat: int = 20) -> dict:
+    """ms per image of CTF-weighted trilinear insertion, fast kernel vs general kernel (best batch of ``chunk``)."""
+    rng = np.random.default_rng(1)
+    shape = (n, box, box // 2 + 1)
+    fts = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    df1, df2, ang = random_defocus(n, rng)
+    ctf = ctf_2d_stack(box, 1.5, 300, 2.7, 0.07, df1, df2, ang)
+    rot = random_rotations(n, rng)
+    d, w = new_accumulators(round(pad * box))
+    best = {True: float("inf"), False: float("inf")}
+    for fast in (True, False):  # compile / load cache
+        _insert_slices(d, w, fts[:2], rot[:2], ctf[:2], None, None, "linear", None, "reconstruct", fast)
+    for k in range(repeat):
+        s = slice((k * chunk) % n, (k * chunk) % n + chunk)
+        for fast in (True, False):  # interleaved, so both see the same load
+            # CPU time of this thread (numba runs here, one core): time spent descheduled on a busy machine is out
+            t = time.thread_time()
+            _insert_slices(d, w, fts[s], rot[s], ctf[s], None, None, "linear", None, "reconstruct", fast)
+            best[fast] = min(best[fast], time.thread_time() - t)
+    return {"fast_ms": best[True] / chunk * 1e3, "general_ms": best[False] / chunk * 1e3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--n", type=int, default=200, help="images per timing (numba)")
     ap.add_argument("--n-numpy", type=int, default=10, help="images per timing (numpy baseline)")
+    ap.add_argument("--insert-pads", type=float, nargs="*", default=[1.0, 2.0],
+                    help="padding factors of the ms-per-image insertion timing (none: skip it)")
     args = ap.parse_args()
     fft.use_pyfftw(True, threads=1)
     print(f"{'box':>5} {'extract/s':>10} {'numpy':>8} {'ratio':>6} {'insert/s':>9} {'numpy':>8} {'ratio':>6} "
@@ -157,6 +186,13 @@ def main() -> None:
               f"{r['simulate_per_s']:10.1f} {r['prepare_s']:7.2f}   "
               f"(numba vs numpy max rel. diff: extract {r['extract_max_rel_diff']:.1e}, "
               f"insert {r['insert_max_rel_diff']:.1e})", flush=True)
+    if args.insert_pads:
+        print(f"\n{'box':>5} {'pad':>4} {'insert ms/img':>14} {'general':>8} {'speedup':>8}")
+        for box in args.boxes:
+            for pad in args.insert_pads:
+                r = bench_insert_ms(box, pad, n=100 if box <= 128 else 30, chunk=10 if box <= 128 else 3)
+                print(f"{box:5d} {pad:4.1f} {r['fast_ms']:14.3f} {r['general_ms']:8.3f} "
+                      f"{r['general_ms'] / r['fast_ms']:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,62 @@ def test_symmetry_expansion_reconstructs_a_symmetric_map():
     insert_slices(d, w, np.repeat(s, 4, axis=0), sym_r)
     rec = ft_to_volume(normalise_ft(d, w), n)
     assert np.corrcoef(rec.ravel(), vol.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("n,pad,method", [(48, 1, "linear"), (48, 2, "linear"), (40, 1, "nearest")])
+def test_pruned_slab_insertion_equals_rows_of_full_insertion_at_the_padded_nyquist(n, pad, method):
+    # slabs that are one kz-frequency interval skip the image rows that cannot reach them; at padding 1
+    # the taps wrap at the padded Nyquist and mirror on the kx = 0 plane, the cases the pruning must keep
+    rng = np.random.default_rng(5)
+    p = n * pad
+    f = fft.ft2(rng.standard_normal((40, n, n)).astype(np.float32))
+    r = random_rotations(40, rng)
+    r[0] = np.eye(3)  # a top view: every pixel at z = 0
+    r[1] = np.array([[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]])  # a side view: z = -x
+    full_d, full_w = new_accumulators(p)
+    insert_slices(full_d, full_w, f, r, method=method)
+    cuts = sorted({0, 1, 3, p // 4, p // 2 - 1, p // 2, p // 2 + 1, p - 5, p - 1, p})
+    for z0, z1 in zip(cuts[:-1], cuts[1:]):
+        d, w = new_accumulators(p, (z0, z1))
+        insert_slices(d, w, f, r, method=method, z_range=(z0, z1))
+        assert np.array_equal(w, full_w[z0:z1]), (z0, z1)
+        assert np.array_equal(d, full_d[z0:z1]), (z0, z1)
+
+
+@pytest.mark.parametrize("n,p", [(16, 16), (16, 24), (16, 32), (15, 15), (15, 23), (15, 31), (24, 36), (17, 34)])
+def test_fast_linear_insertion_equals_the_general_kernel_and_the_numpy_reference(n, p):
+    # padding 1, 1.5 and 2, odd N and odd P: the fast path (interior taps, direct indexing, prefetch) must give
+    # exactly the sums of the general tap-by-tap kernel -- with CTF, per-image weights, max_radius and on
+    # slabs that cut through the kx = 0 mirror rows and the padded Nyquist -- and the obvious numpy insertion
+    import itertools
+
+    from cistem_mpi.kernels.backprojection import _insert_slices
+
+    rng = np.random.default_rng(n * 100 + p)
+    k = 9
+    f = (rng.standard_normal((k, n, n // 2 + 1)) + 1j * rng.standard_normal((k, n, n // 2 + 1))).astype(np.complex64)
+    c = ctf_2d_stack(n, 2.0, 300, 2.7, 0.07, rng.uniform(8e3, 2e4, k), rng.uniform(8e3, 2e4, k),
+                     rng.uniform(-90, 90, k))
+    r = random_rotations(k, rng)
+    r[0] = np.eye(3)  # a top view: every pixel at z = 0, the row x = 0 on the mirrored plane
+    r[1] = np.array([[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]])  # a side view: z = -x
+    g = rng.uniform(0.2, 1.0, k)
+    cuts = sorted({0, 1, 3, p // 4, p // 2 - 1, p // 2, (p + 1) // 2, p // 2 + 1, p - 3, p - 1, p})
+    slabs = [None, (2, p - 3), *itertools.pairwise(cuts)]
+    for zr in slabs:
+        for ctf, wts, rad in ((c, g, None), (None, None, n / 2 - 1.3)):
+            fast = new_accumulators(p, zr)
+            ref = new_accumulators(p, zr)
+            _insert_slices(*fast, f, r, ctf, wts, zr, "linear", rad, "reconstruct", True)
+            _insert_slices(*ref, f, r, ctf, wts, zr, "linear", rad, "reconstruct", False)
+            assert np.array_equal(fast[0], ref[0]) and np.array_equal(fast[1], ref[1]), (zr, rad)
+    d, w = new_accumulators(p)
+    insert_slices(d, w, f, r, ctf=c, max_radius=n / 2 - 0.5)
+    d2, w2 = new_accumulators(p)
+    insert_slices_numpy(d2, w2, f, r, ctf=c, max_radius=n / 2 - 0.5)
+    assert np.abs(d - d2).max() <= 1e-5 * np.abs(d2).max()
+    assert np.abs(w - w2).max() <= 1e-5 * w2.max()
+    for z0, z1 in ((0, p // 3), (p // 3, p)):  # a slab holds the same rows of it
+        ds, ws = new_accumulators(p, (z0, z1))
+        insert_slices(ds, ws, f, r, ctf=c, max_radius=n / 2 - 0.5, z_range=(z0, z1))
+        assert np.array_equal(ds, d[z0:z1]) and np.array_equal(ws, w[z0:z1])

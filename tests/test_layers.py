@@ -24,7 +24,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "cistem_mpi"
 
 #: Third-party modules each layer may import (besides the standard library).
-NUMERIC = {"numpy", "scipy", "numba", "pyfftw"}
+NUMERIC = {"numpy", "scipy", "numba", "pyfftw",
+           "llvmlite"}  # numba's code generator: the insertion kernel's prefetch intrinsic
 ALLOWED_EXTERNAL = {
     "kernels": NUMERIC,
     "io": NUMERIC | {"mrcfile", "tifffile", "imagecodecs", "h5py", "starfile", "pandas", "gemmi", "ncempy",
@@ -44,8 +45,10 @@ SHARED_DRIVER_MODULES = {
     "cistem_mpi.drivers.jobrun", "cistem_mpi.drivers.itemjob", "cistem_mpi.drivers.runtime",
     # shared job steps, no command of their own: reconstruct a parameter set into half maps + FSC and
     # register the volume (reconstruct, refine, ab-initio); cut a stack from particle positions
-    # (package create --from-positions); option groups several commands share
+    # (package create --from-positions); option groups several commands share; node-shared accumulators
+    # (reconstruction) and references (refinement's alignment)
     "cistem_mpi.drivers.volumejob", "cistem_mpi.drivers.extraction", "cistem_mpi.drivers.options",
+    "cistem_mpi.drivers.node_reconstruction", "cistem_mpi.drivers.node_references",
 }
 #: SQL statement text: keywords in capitals (as every statement of the package is written), or in any case
 #: with the statement's shape (``select ... from``), so prose such as "select one of the steps" is not SQL.

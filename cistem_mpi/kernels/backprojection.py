@@ -37,7 +37,10 @@ the exact adjoint of :func:`cistem_mpi.kernels.projection.extract_slices`
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from cistem_mpi.kernels import fft as _fft
 from cistem_mpi.kernels.interpolation import (
@@ -45,7 +48,7 @@ from cistem_mpi.kernels.interpolation import (
 )
 
 __all__ = ["new_accumulators", "insert_slices", "normalise_ft", "ft_to_volume",
-           "reconstruct", "slab_bounds", "insert_slices_numpy"]
+           "reconstruct", "slab_bounds", "balanced_bands", "slab_frequency_band", "insert_slices_numpy"]
 
 
 def new_accumulators(padded: int, z_range: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +78,59 @@ def slab_bounds(padded: int, n_parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def balanced_bands(padded: int, n_parts: int, radius: float) -> list[list[tuple[int, int]]]:
+    """Split the P kz-rows into ``n_parts`` bands of frequencies that take equal insertion work.
+
+    For orientations spread over the sphere, a slice point at radius r has
+    its kz uniform in [-r, r], so the points per kz-row fall off as
+    ``radius - |kz|`` (a triangle): equal-width slabs would give the middle
+    rank twice the average work.  The bands are contiguous in frequency
+    (``-P/2 .. P/2-1``); a band across kz = 0 is two runs of rows.
+
+    Parameters
+    ----------
+    padded : int
+        Grid size P.
+    n_parts : int
+        Number of bands (ranks).
+    radius : float
+        Insertion radius on the padded grid (``max_radius * P / N``).
+
+    Returns
+    -------
+    list of list of (int, int)
+        Per band, its runs of rows ``(z0, z1)`` (each one frequency interval,
+        so :func:`insert_slices` skips what cannot reach it); empty lists
+        when there are more bands than rows.
+
+    Examples
+    --------
+    >>> balanced_bands(16, 2, 8.0)  # kz -8..0 and 1..7
+    [[(8, 16), (0, 1)], [(1, 8)]]
+    >>> [sum(b - a for a, b in runs) for runs in balanced_bands(64, 3, 32.0)]  # rows per band
+    [27, 12, 25]
+    """
+    if padded < 1 or n_parts < 1:
+        raise ValueError("need padded >= 1 and n_parts >= 1")
+    freq = np.arange(-(padded // 2), (padded + 1) // 2)
+    # the triangle, plus a floor for the rows' fixed costs (and any row the triangle misses)
+    work = np.maximum(float(radius) - np.abs(freq), 0.0) + 0.05 * max(float(radius), 1.0)
+    cum = np.concatenate([[0.0], np.cumsum(work)])
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_parts) / n_parts)
+    edges = np.concatenate([[0], np.clip(cuts, 0, padded), [padded]]).astype(int)
+    edges = np.maximum.accumulate(edges)
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        fa, fb = int(freq[0] + a), int(freq[0] + b)  # frequencies [fa, fb)
+        runs = []
+        if fa < 0 and fa < fb:
+            runs.append((fa + padded, min(fb, 0) + padded))
+        if fb > 0 and fa < fb:
+            runs.append((max(fa, 0), fb))
+        out.append(runs)
+    return out
+
+
 @njit(cache=True, inline="always")
 def _add(data, weight, z0, z1, zs, ys, xs, vr, vi, w):
     if zs >= z0 and zs < z1:
@@ -82,8 +138,120 @@ def _add(data, weight, z0, z1, zs, ys, xs, vr, vi, w):
         weight[zs - z0, ys, xs] += w
 
 
+def slab_frequency_band(z0: int, z1: int, p: int) -> tuple[bool, float, float]:
+    """Whether kz-rows ``z0:z1`` of a P-grid are one interval of frequencies, and that interval.
+
+    Rows are in ``fftfreq`` order, so rows below ``(P+1)//2`` hold frequencies
+    ``z0..z1-1`` and rows above hold ``z0-P..z1-P``; a slab that holds every
+    row, or crosses the jump at ``(P+1)//2``, is not one interval (no pruning).
+
+    >>> slab_frequency_band(0, 8, 32), slab_frequency_band(20, 24, 32), slab_frequency_band(0, 32, 32)[0]
+    ((True, 0.0, 8.0), (True, -12.0, -8.0), False)
+    """
+    pos = (p + 1) // 2
+    if (z0, z1) == (0, p) or z1 <= z0:
+        return False, 0.0, 0.0
+    if z1 <= pos:
+        return True, float(z0), float(z1)
+    if z0 >= pos:
+        return True, float(z0 - p), float(z1 - p)
+    return False, 0.0, 0.0
+
+
+@njit(cache=True, inline="always")
+def _solve_range(a, b, lo, hi, i0, i1):
+    """Integers i in [i0, i1] with lo <= a*i + b <= hi (to 1e-6, against rounding), as [first, last]."""
+    if abs(a) < 1e-9:
+        if b >= lo and b <= hi:
+            return i0, i1
+        return 1, 0
+    t0 = (lo - b) / a
+    t1 = (hi - b) / a
+    if t0 > t1:
+        t0, t1 = t1, t0
+    # clamp before converting: an open side (+-1e30) would overflow the integer
+    t0 = min(max(t0, i0 - 2.0), i1 + 2.0)
+    t1 = min(max(t1, i0 - 2.0), i1 + 2.0)
+    f = max(i0, int(np.ceil(t0 - 1e-6)))
+    last = min(i1, int(np.floor(t1 + 1e-6)))
+    return f, last
+
+
+@njit(cache=True, inline="always")
+def _put(starts, stops, n, a0, a1, b0, b1):
+    """Append the intersection of [a0, a1] and [b0, b1] (skipped later when empty); return the count."""
+    starts[n] = max(a0, b0)
+    stops[n] = min(a1, b1)
+    return n + 1
+
+
 @njit(cache=True)
-def _insert(data, weight, z0, z1, p, fts, ctf, has_ctf, imgw, rot, scale, nimg, rmax2, method, mode):
+def _row_intervals(starts, stops, ixmax, ky, r00, r01, r20, r21, flo, fhi, half, reach):
+    """The pixels ``0..ixmax`` of row ky that can write into kz-frequencies [flo, fhi), as merged intervals.
+
+    A pixel of the image plane lands at ``x = r00 ix + r01 ky``,
+    ``z = r20 ix + r21 ky`` (both linear along the row) and writes to the kz
+    taps within ``reach`` of ``z`` -- of ``-z`` where ``x < 0`` (Friedel).
+    Taps of ``-z`` as well where the x taps touch the plane x = 0 (both k and
+    -k are stored there) or wrap at the padded Nyquist ``|x| ~ half``, and
+    taps one period away where z itself is near ``+-half``.  Every case is
+    the intersection of two linear conditions, so an interval of the row;
+    each is widened by one pixel (conservative).  Returns the number of
+    merged intervals written to ``starts``/``stops`` (inclusive bounds).
+    """
+    # the taps of t are within [t - reach, t + reach - 1] (linear: floor(t), floor(t) + 1), so a tap lies
+    # in [flo, fhi) only if t is in [flo - reach, fhi + reach - 1]; half a unit more against rounding
+    lo = flo - reach - 0.5
+    hi = fhi + reach - 0.5
+    edge = half - reach - 0.5  # x taps reach +half (where they wrap)
+    xzero = reach + 0.5  # x taps reach the x = 0 plane
+    b = r01 * ky
+    d = r21 * ky
+    pos0, pos1 = _solve_range(r00, b, 0.0, 1e30, 0, ixmax)
+    neg0, neg1 = _solve_range(r00, b, -1e30, 0.0, 0, ixmax)
+    n = 0
+    for shift in (0.0, -2.0 * half, 2.0 * half):  # the band, and its copies one period away
+        if shift != 0.0 and not (lo + shift <= half + reach and hi + shift >= -half - reach):
+            continue
+        zp0, zp1 = _solve_range(r20, d, lo + shift, hi + shift, 0, ixmax)  # z in the band
+        zm0, zm1 = _solve_range(r20, d, -hi - shift, -lo - shift, 0, ixmax)  # -z in the band
+        n = _put(starts, stops, n, pos0, pos1, zp0, zp1)  # x >= 0: taps of z
+        n = _put(starts, stops, n, neg0, neg1, zm0, zm1)  # x < 0: taps of -z
+        if shift == 0.0:
+            e0, e1 = _solve_range(r00, b, edge, 1e30, 0, ixmax)  # x wraps at +half: taps of -z
+            n = _put(starts, stops, n, e0, e1, zm0, zm1)
+            e0, e1 = _solve_range(r00, b, -1e30, -edge, 0, ixmax)  # x wraps at -half: taps of z
+            n = _put(starts, stops, n, e0, e1, zp0, zp1)
+    x0, x1 = _solve_range(r00, b, -xzero, xzero, 0, ixmax)  # x taps on the x = 0 plane: taps of z and -z
+    zp0, zp1 = _solve_range(r20, d, lo, hi, 0, ixmax)
+    zm0, zm1 = _solve_range(r20, d, -hi, -lo, 0, ixmax)
+    n = _put(starts, stops, n, x0, x1, zp0, zp1)
+    n = _put(starts, stops, n, x0, x1, zm0, zm1)
+    # sort by start and merge overlapping or touching intervals
+    for i in range(1, n):
+        j = i
+        while j > 0 and starts[j] < starts[j - 1]:
+            starts[j], starts[j - 1] = starts[j - 1], starts[j]
+            stops[j], stops[j - 1] = stops[j - 1], stops[j]
+            j -= 1
+    m = 0
+    for i in range(n):
+        if stops[i] < starts[i]:
+            continue
+        if m > 0 and starts[i] <= stops[m - 1] + 1:
+            if stops[i] > stops[m - 1]:
+                stops[m - 1] = stops[i]
+        else:
+            starts[m] = starts[i]
+            stops[m] = stops[i]
+            m += 1
+    return m
+
+
+@njit(cache=True)
+def _insert_general(data, weight, z0, z1, p, fts, ctf, has_ctf, imgw, rot, scale, nimg, rmax2, method, mode,
+            prune, flo, fhi):
+    """Every method and mode, tap by tap through :func:`locate` (the reference the fast kernel must equal)."""
     half = p // 2
     nt = n_taps(method)
     wx = np.zeros(4)
@@ -91,6 +259,11 @@ def _insert(data, weight, z0, z1, p, fts, ctf, has_ctf, imgw, rot, scale, nimg, 
     wz = np.zeros(4)
     nxh = nimg // 2 + 1
     even_p = (p % 2) == 0
+    starts = np.zeros(16, dtype=np.int64)
+    stops = np.zeros(16, dtype=np.int64)
+    reach = 0.5 * nt + 0.5  # linear taps: floor(t), floor(t) + 1; nearest: round(t); cubic: floor(t) - 1 .. + 2
+    # on tiny grids the cases of _row_intervals can overlap at the corners: insert every pixel
+    prune = prune and half >= 4 * (nt + 1)
     for i in range(rot.shape[0]):
         r00 = rot[i, 0, 0] * scale
         r01 = rot[i, 0, 1] * scale
@@ -101,49 +274,325 @@ def _insert(data, weight, z0, z1, p, fts, ctf, has_ctf, imgw, rot, scale, nimg, 
         gi = imgw[i]
         for iy in range(nimg):
             ky = iy if iy < (nimg + 1) // 2 else iy - nimg
-            for ix in range(nxh):
-                if ix * ix + ky * ky > rmax2:
+            left = rmax2 - ky * ky
+            if left < 0:
+                continue
+            ixmax = min(nxh - 1, int(np.sqrt(left)) + 1)
+            if prune:
+                nint = _row_intervals(starts, stops, ixmax, ky, r00, r01, r20, r21, flo, fhi, float(half), reach)
+            else:
+                starts[0] = 0
+                stops[0] = ixmax
+                nint = 1
+            for k in range(nint):
+                for ix in range(starts[k], stops[k] + 1):
+                  if ix * ix + ky * ky > rmax2:
+                      continue
+                  val = fts[i, iy, ix]
+                  c = 1.0
+                  if has_ctf:
+                      c = ctf[i, iy, ix]
+                  g = gi
+                  if mode == 1 and (ix == 0 or (2 * ix == nimg)):
+                      # self-conjugate image columns hold both k and -k: count half each
+                      g = 0.5 * gi
+                  vr = val.real * c * g
+                  vi = val.imag * c * g
+                  cw = c * c * g
+                  x = r00 * ix + r01 * ky
+                  y = r10 * ix + r11 * ky
+                  z = r20 * ix + r21 * ky
+                  if x < 0.0:
+                      x = -x
+                      y = -y
+                      z = -z
+                      vi = -vi
+                  bx = tap_weights(method, x, wx)
+                  by = tap_weights(method, y, wy)
+                  bz = tap_weights(method, z, wz)
+                  for cz in range(nt):
+                      for b in range(nt):
+                          wzy = wz[cz] * wy[b]
+                          if wzy == 0.0:
+                              continue
+                          for a in range(nt):
+                              w = wzy * wx[a]
+                              if w == 0.0:
+                                  continue
+                              zs, ys, xs, cj = locate(bx + a, by + b, bz + cz, p, half)
+                              tr = w * vr
+                              ti = -w * vi if cj else w * vi
+                              _add(data, weight, z0, z1, zs, ys, xs, tr, ti, w * cw)
+                              if mode == 1 and (xs == 0 or (even_p and xs == half)):
+                                  # both k and -k are stored on this plane: the Friedel
+                                  # partner of the image adds the conjugate at -k
+                                  _add(data, weight, z0, z1, (p - zs) % p, (p - ys) % p, xs,
+                                       tr, -ti, w * cw)
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the CPU to fetch the cache line of ``arr[idx]`` (1D array) for writing; never faults.
+
+    The insertion's read-modify-writes land on scattered lines of a volume far
+    larger than the caches; fetching the taps of a pixel a few pixels ahead
+    overlaps the misses instead of waiting on them one by one.
+    """
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", (i8p,), fnty)
+        # write access, keep in all cache levels, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)  # not inlined: the rare cases stay out of the hot loop's code
+def _spread(data, weight, z0, z1, p, half, even_p, method, mode, nt, wx, wy, wz, x, y, z, vr, vi, cw):
+    """Add one image pixel at (x, y, z), x >= 0, tap by tap: the general case of :func:`_insert_linear`.
+
+    The tap loop of :func:`_insert_general`, verbatim (same operations in the same order).
+    """
+    bx = tap_weights(method, x, wx)
+    by = tap_weights(method, y, wy)
+    bz = tap_weights(method, z, wz)
+    for cz in range(nt):
+        for b in range(nt):
+            wzy = wz[cz] * wy[b]
+            if wzy == 0.0:
+                continue
+            for a in range(nt):
+                w = wzy * wx[a]
+                if w == 0.0:
                     continue
-                val = fts[i, iy, ix]
-                c = 1.0
-                if has_ctf:
-                    c = ctf[i, iy, ix]
-                g = gi
-                if mode == 1 and (ix == 0 or (2 * ix == nimg)):
-                    # self-conjugate image columns hold both k and -k: count half each
-                    g = 0.5 * gi
-                vr = val.real * c * g
-                vi = val.imag * c * g
-                cw = c * c * g
-                x = r00 * ix + r01 * ky
-                y = r10 * ix + r11 * ky
-                z = r20 * ix + r21 * ky
-                if x < 0.0:
-                    x = -x
-                    y = -y
-                    z = -z
-                    vi = -vi
-                bx = tap_weights(method, x, wx)
-                by = tap_weights(method, y, wy)
-                bz = tap_weights(method, z, wz)
-                for cz in range(nt):
-                    for b in range(nt):
-                        wzy = wz[cz] * wy[b]
-                        if wzy == 0.0:
-                            continue
-                        for a in range(nt):
-                            w = wzy * wx[a]
-                            if w == 0.0:
-                                continue
-                            zs, ys, xs, cj = locate(bx + a, by + b, bz + cz, p, half)
-                            tr = w * vr
-                            ti = -w * vi if cj else w * vi
-                            _add(data, weight, z0, z1, zs, ys, xs, tr, ti, w * cw)
-                            if mode == 1 and (xs == 0 or (even_p and xs == half)):
-                                # both k and -k are stored on this plane: the Friedel
-                                # partner of the image adds the conjugate at -k
-                                _add(data, weight, z0, z1, (p - zs) % p, (p - ys) % p, xs,
-                                     tr, -ti, w * cw)
+                zs, ys, xs, cj = locate(bx + a, by + b, bz + cz, p, half)
+                tr = w * vr
+                ti = -w * vi if cj else w * vi
+                _add(data, weight, z0, z1, zs, ys, xs, tr, ti, w * cw)
+                if mode == 1 and (xs == 0 or (even_p and xs == half)):
+                    _add(data, weight, z0, z1, (p - zs) % p, (p - ys) % p, xs, tr, -ti, w * cw)
+
+
+@njit(cache=True, inline="always")
+def _add_flat(dflat, wflat, zr, nrows, q, tr, ti, tw):
+    """``data[q] += tr + i ti``, ``weight[q] += tw`` through the flat views, if slab row ``zr`` is held."""
+    if zr >= 0 and zr < nrows:
+        dflat[2 * q] += tr
+        dflat[2 * q + 1] += ti
+        wflat[q] += tw
+
+
+@njit(cache=True)  # not inlined: the rare cases stay out of the hot loop's code
+def _spread_planes(dflat, wflat, z0, nrows, p, half, nxs, bx, ys0, ys1, zs0, zs1, wx0, wy0, wz0, fx, fy, fz,
+                   vr, vi, cw):
+    """The trilinear taps of a pixel with ``bx == 0`` or (even P) ``bx + 1 == P/2``, as :func:`_spread` adds them.
+
+    A tap on x = 0 adds at (z, y) and its conjugate at (-z, -y) (both k and -k
+    are stored there); a tap on x = P/2 (even P) wraps to -P/2, so
+    :func:`locate` puts the conjugate at (-z, -y) first and the mirrored write
+    then adds the value at (z, y).  Same values in the same order as the
+    general loop, so coinciding voxels (z or y on 0 or P/2) sum identically.
+    """
+    for cz in range(2):
+        zs = zs0 if cz == 0 else zs1
+        zr = zs - z0
+        zmr = (p - zs if zs > 0 else 0) - z0  # row of -z
+        wzc = wz0 if cz == 0 else fz
+        for b in range(2):
+            ys = ys0 if b == 0 else ys1
+            ym = p - ys if ys > 0 else 0  # row of -y
+            wzy = wzc * (wy0 if b == 0 else fy)
+            w = wzy * wx0
+            if bx == 0:
+                _add_flat(dflat, wflat, zr, nrows, (zr * p + ys) * nxs, w * vr, w * vi, w * cw)
+                _add_flat(dflat, wflat, zmr, nrows, (zmr * p + ym) * nxs, w * vr, -(w * vi), w * cw)
+            else:
+                _add_flat(dflat, wflat, zr, nrows, (zr * p + ys) * nxs + bx, w * vr, w * vi, w * cw)
+            w = wzy * fx
+            if bx + 1 == half and (p % 2) == 0:
+                _add_flat(dflat, wflat, zmr, nrows, (zmr * p + ym) * nxs + half, w * vr, -w * vi, w * cw)
+                _add_flat(dflat, wflat, zr, nrows, (zr * p + ys) * nxs + half, w * vr, w * vi, w * cw)
+            else:
+                _add_flat(dflat, wflat, zr, nrows, (zr * p + ys) * nxs + bx + 1, w * vr, w * vi, w * cw)
+
+
+PF_DIST = 6  # pixels ahead to prefetch (about the misses a core keeps in flight; 4..12 time the same)
+
+
+@njit(cache=True, inline="always")
+def _prefetch_taps(dflat, wflat, jx, ky, r00, r01, r10, r11, r20, r21, p, half, z0, nrows):
+    """Prefetch the lines of the four (z, y) tap rows of image pixel (jx, ky), clamped into the arrays."""
+    if nrows <= 0:
+        return
+    xj = r00 * jx + r01 * ky
+    yj = r10 * jx + r11 * ky
+    zj = r20 * jx + r21 * ky
+    if xj < 0.0:
+        xj = -xj
+        yj = -yj
+        zj = -zj
+    # (no %: an integer division per axis costs more than the prefetch saves)
+    nxs = half + 1
+    bxj = min(max(int(np.floor(xj)), 0), half - 1)
+    byj = int(np.floor(yj))
+    byj = min(max(byj + p if byj < 0 else byj, 0), p - 1)
+    bzj = int(np.floor(zj))
+    bzj = min(max(bzj + p if bzj < 0 else bzj, 0), p - 1)
+    byj1 = byj + 1 if byj + 1 < p else 0
+    bzj1 = bzj + 1 if bzj + 1 < p else 0
+    zra = min(max(bzj - z0, 0), nrows - 1)
+    zrb = min(max(bzj1 - z0, 0), nrows - 1)
+    q = (zra * p + byj) * nxs + bxj
+    _prefetch(dflat, 2 * q)
+    _prefetch(wflat, q)
+    q = (zra * p + byj1) * nxs + bxj
+    _prefetch(dflat, 2 * q)
+    _prefetch(wflat, q)
+    q = (zrb * p + byj) * nxs + bxj
+    _prefetch(dflat, 2 * q)
+    _prefetch(wflat, q)
+    q = (zrb * p + byj1) * nxs + bxj
+    _prefetch(dflat, 2 * q)
+    _prefetch(wflat, q)
+
+
+@njit(cache=True)
+def _insert_linear(data, weight, dflat, wflat, z0, z1, p, fts, ctf, has_ctf, imgw, rot, scale, nimg, rmax2,
+                   prune, flo, fhi):
+    """Trilinear ``mode="reconstruct"`` insertion: :func:`_insert_general` with a fast path for interior taps.
+
+    ``dflat``/``wflat`` are flat float32 views of ``data``/``weight`` (real,
+    imaginary interleaved in ``dflat``).  A pixel whose x taps are
+    ``1 <= floor(x)`` and ``floor(x) + 1 < P/2`` (no wrap at the padded
+    Nyquist, not on the planes x = 0 or x = P/2 that are stored twice) is
+    added with direct index arithmetic and the 8 taps unrolled, its z taps
+    clipped to the slab's rows; a pixel with a tap on one of those planes goes
+    through :func:`_spread_planes`, any other (wrapping) pixel through
+    :func:`_spread`.  The taps of the pixel ``PF_DIST`` ahead are prefetched.
+    The arithmetic is the general kernel's (float64, same order), so the sums
+    are bit-identical; the only difference is that zero-weight taps add +-0
+    instead of being skipped, which cannot change an accumulator that starts
+    at +0 (it would turn a non-finite input value into NaN where the general
+    kernel skips it).
+    """
+    half = p // 2
+    nt = 2
+    nxs = half + 1  # stored kx columns
+    nrows = z1 - z0
+    even_p = (p % 2) == 0
+    # largest first x tap of the fast path: its pair stays below P/2 (even P: the doubly stored plane) and
+    # below P - P/2 (where locate wraps to negative x; odd P: floor(x) + 1 = P//2 is still stored once)
+    xlast = half - 2 if even_p else half - 1
+    wx = np.zeros(4)
+    wy = np.zeros(4)
+    wz = np.zeros(4)
+    nxh = nimg // 2 + 1
+    starts = np.zeros(16, dtype=np.int64)
+    stops = np.zeros(16, dtype=np.int64)
+    reach = 0.5 * nt + 0.5
+    prune = prune and half >= 4 * (nt + 1)
+    for i in range(rot.shape[0]):
+        r00 = rot[i, 0, 0] * scale
+        r01 = rot[i, 0, 1] * scale
+        r10 = rot[i, 1, 0] * scale
+        r11 = rot[i, 1, 1] * scale
+        r20 = rot[i, 2, 0] * scale
+        r21 = rot[i, 2, 1] * scale
+        gi = imgw[i]
+        for iy in range(nimg):
+            ky = iy if iy < (nimg + 1) // 2 else iy - nimg
+            left = rmax2 - ky * ky
+            if left < 0:
+                continue
+            ixmax = min(nxh - 1, int(np.sqrt(left)) + 1)
+            # the last column inside max_radius (the test ix*ix + ky*ky > rmax2 hoisted out of the pixel loop)
+            ixin = ixmax
+            while ixin >= 0 and ixin * ixin + ky * ky > rmax2:
+                ixin -= 1
+            if prune:
+                nint = _row_intervals(starts, stops, ixmax, ky, r00, r01, r20, r21, flo, fhi, float(half), reach)
+            else:
+                starts[0] = 0
+                stops[0] = ixmax
+                nint = 1
+            for k in range(nint):
+                ixend = min(stops[k], ixin)
+                for jx in range(starts[k], min(starts[k] + PF_DIST, ixend + 1)):  # the loop prefetches the rest
+                    _prefetch_taps(dflat, wflat, jx, ky, r00, r01, r10, r11, r20, r21, p, half, z0, nrows)
+                for ix in range(starts[k], ixend + 1):
+                    if ix + PF_DIST <= ixend:
+                        _prefetch_taps(dflat, wflat, ix + PF_DIST, ky, r00, r01, r10, r11, r20, r21, p, half,
+                                       z0, nrows)
+                    val = fts[i, iy, ix]
+                    c = 1.0
+                    if has_ctf:
+                        c = ctf[i, iy, ix]
+                    g = gi
+                    if ix == 0 or (2 * ix == nimg):
+                        g = 0.5 * gi  # self-conjugate image columns hold both k and -k: count half each
+                    vr = val.real * c * g
+                    vi = val.imag * c * g
+                    cw = c * c * g
+                    x = r00 * ix + r01 * ky
+                    y = r10 * ix + r11 * ky
+                    z = r20 * ix + r21 * ky
+                    if x < 0.0:
+                        x = -x
+                        y = -y
+                        z = -z
+                        vi = -vi
+                    fbx = np.floor(x)
+                    bx = int(fbx)
+                    fby = np.floor(y)
+                    by = int(fby)
+                    fbz = np.floor(z)
+                    bz = int(fbz)
+                    interior = bx >= 1 and bx <= xlast
+                    # a first x tap on x = 0, or (even P) a second on x = P/2: those taps are stored twice
+                    plane = bx == 0 or (even_p and bx == half - 1)
+                    if not (interior or plane) or by < -p or by >= p or bz < -p or bz >= p:
+                        _spread(data, weight, z0, z1, p, half, even_p, 1, 1, nt, wx, wy, wz, x, y, z, vr, vi, cw)
+                        continue
+                    # tap weights as tap_weights computes them
+                    fx = x - fbx
+                    fy = y - fby
+                    fz = z - fbz
+                    wx0 = 1.0 - fx
+                    wy0 = 1.0 - fy
+                    wz0 = 1.0 - fz
+                    # stored rows of the y and z taps (periodic; by, bz within one period of the grid)
+                    ys0 = by + p if by < 0 else by
+                    ys1 = ys0 + 1 if ys0 + 1 < p else 0
+                    zs0 = bz + p if bz < 0 else bz
+                    zs1 = zs0 + 1 if zs0 + 1 < p else 0
+                    if plane:
+                        _spread_planes(dflat, wflat, z0, nrows, p, half, nxs, bx, ys0, ys1, zs0, zs1,
+                                       wx0, wy0, wz0, fx, fy, fz, vr, vi, cw)
+                        continue
+                    for cz in range(2):
+                        zr = (zs0 if cz == 0 else zs1) - z0
+                        if zr < 0 or zr >= nrows:
+                            continue  # outside the slab (no mirrored write: x is off the planes 0 and P/2)
+                        wzc = wz0 if cz == 0 else fz
+                        for b in range(2):
+                            wzy = wzc * (wy0 if b == 0 else fy)
+                            q = (zr * p + (ys0 if b == 0 else ys1)) * nxs + bx
+                            w = wzy * wx0
+                            dflat[2 * q] += w * vr
+                            dflat[2 * q + 1] += w * vi
+                            wflat[q] += w * cw
+                            w = wzy * fx
+                            dflat[2 * q + 2] += w * vr
+                            dflat[2 * q + 3] += w * vi
+                            wflat[q + 1] += w * cw
 
 
 def insert_slices(data: np.ndarray, weight: np.ndarray, fts: np.ndarray, rotmats: np.ndarray,
@@ -179,6 +628,12 @@ def insert_slices(data: np.ndarray, weight: np.ndarray, fts: np.ndarray, rotmats
     mode : {"reconstruct", "adjoint"}
         See the module docstring.
     """
+    _insert_slices(data, weight, fts, rotmats, ctf, image_weights, z_range, method, max_radius, mode, True)
+
+
+def _insert_slices(data, weight, fts, rotmats, ctf, image_weights, z_range, method, max_radius, mode,
+                   fast: bool) -> None:
+    """:func:`insert_slices`; ``fast=False`` forces the general kernel (the tests' and benchmark's reference)."""
     fts = np.asarray(fts)
     if fts.ndim == 2:
         fts = fts[None]
@@ -206,8 +661,16 @@ def insert_slices(data: np.ndarray, weight: np.ndarray, fts: np.ndarray, rotmats
     if mode == "reconstruct" and method == "cubic":
         raise ValueError("cubic insertion is only available as the adjoint (mode='adjoint'); "
                          "reconstruct with 'linear'")
-    _insert(data, weight, z0, z1, p, fts, c, has_ctf, g, r, p / nimg, nimg, rmax * rmax,
-            method_code(method), 1 if mode == "reconstruct" else 0)
+    # a slab of rows that is one interval of kz frequencies: rows of the image that cannot reach it are skipped
+    prune, flo, fhi = slab_frequency_band(z0, z1, p)
+    code = method_code(method)
+    if fast and code == 1 and mode == "reconstruct" and data.flags.c_contiguous and weight.flags.c_contiguous:
+        # the common case, with its fast path for interior taps (needs flat views of the accumulators)
+        _insert_linear(data, weight, data.reshape(-1).view(np.float32), weight.reshape(-1), z0, z1, p, fts, c,
+                       has_ctf, g, r, p / nimg, nimg, rmax * rmax, prune, flo, fhi)
+    else:
+        _insert_general(data, weight, z0, z1, p, fts, c, has_ctf, g, r, p / nimg, nimg, rmax * rmax,
+                        code, 1 if mode == "reconstruct" else 0, prune, flo, fhi)
 
 
 def normalise_ft(data: np.ndarray, weight: np.ndarray, wiener: float = 0.0,
@@ -223,12 +686,16 @@ def normalise_ft(data: np.ndarray, weight: np.ndarray, wiener: float = 0.0,
     return out
 
 
-def ft_to_volume(ft: np.ndarray, n: int, method: str = "linear", grid_correct: bool = True) -> np.ndarray:
-    """Padded half-layout transform -> real n-cube (centre n//2), gridding-corrected."""
+def ft_to_volume(ft: np.ndarray, n: int, method: str = "linear", grid_correct: bool = True,
+                 overwrite_input: bool = False) -> np.ndarray:
+    """Padded half-layout transform -> real n-cube (centre n//2), gridding-corrected.
+
+    ``overwrite_input``: ``ft`` may be destroyed (transformed in place, no padded-size copy).
+    """
     p = ft.shape[0]
-    big = _fft.iftn(ft.astype(np.complex64, copy=False), nx=p)
-    o = p // 2 - n // 2
-    vol = big[o:o + n, o:o + n, o:o + n].astype(np.float32)
+    # cropped while reading the uncentred transform: no second padded-size array
+    vol = _fft.iftn_crop(ft.astype(np.complex64, copy=False), p, n,
+                         overwrite_input=overwrite_input).astype(np.float32, copy=False)
     if grid_correct:
         vol = vol / apodization_3d(n, p, method)
     return np.ascontiguousarray(vol)
