@@ -19,7 +19,8 @@ def _at_version(path, v):
 def _columns(conn) -> set[tuple[str, str]]:
     """Every (table, column) of the database."""
     tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-    return {(t, r[1]) for t in tables for r in conn.execute(f"PRAGMA table_info({t})")}
+    objects = {(r[0], r[1]) for r in conn.execute("SELECT type, name FROM sqlite_master WHERE type != 'table'")}
+    return {(t, r[1]) for t in tables for r in conn.execute(f"PRAGMA table_info({t})")} | objects
 
 
 @pytest.mark.parametrize("k", range(schema.LATEST_VERSION))
@@ -31,7 +32,7 @@ def test_migration_from_version_before(tmp_path, k):
     schema.migrate(conn, target=k + 1)
     assert schema.version(conn) == k + 1
     after = _columns(conn)
-    assert before < after, f"migration {k} -> {k + 1} adds no table or column"
+    assert before < after, f"migration {k} -> {k + 1} adds no table, column, index or trigger"
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     if k >= 1:
@@ -83,3 +84,17 @@ def test_newer_database_is_refused(tmp_path):
     conn.execute(f"PRAGMA user_version = {schema.LATEST_VERSION + 1}")
     with pytest.raises(RuntimeError, match="newer"):
         schema.migrate(conn)
+
+
+def test_a_second_volume_under_a_registered_path_is_refused(tmp_path):
+    """Two jobs that picked the same free volume name: the one committing second registers nothing."""
+    import sqlite3
+
+    conn = _at_version(tmp_path / "p.db", schema.LATEST_VERSION)
+    conn.execute("INSERT INTO jobs(id, type, status, queued_at) VALUES (1, 'reconstruct', 'finished', 0)")
+    row = ("INSERT INTO volumes(kind, path, display_name, box, pixel_size, job_id)"
+           " VALUES ('reconstruction', 'Assets/Volumes/volume_9_1_2.mrc', ?, 64, 1.0, 1)")
+    conn.execute(row, ("Local #9 - Class #1 #2",))
+    with pytest.raises(sqlite3.IntegrityError, match="a volume of this name already exists"):
+        conn.execute(row, ("Local #9 - Class #1 #2",))
+    assert conn.execute("SELECT count(*) FROM volumes").fetchone()[0] == 1

@@ -221,8 +221,21 @@ ALTER TABLE classification_2d_classes ADD COLUMN selected INTEGER NOT NULL DEFAU
 ALTER TABLE particle_stacks ADD COLUMN protein_is_white INTEGER NOT NULL DEFAULT 0;
 """
 
+# Version 3: two jobs finishing at once (``reconstruct`` twice on one refinement) can pick the same free
+# volume name; the second would rename its files over the first's.  Writers are serialised (BEGIN
+# IMMEDIATE), so refusing the second insert inside its transaction makes that job fail with nothing
+# registered and its files left under their staged names.  A trigger, not a unique index: a project
+# made before the check may hold duplicates, and the upgrade must not fail on it.
+_V3 = """
+CREATE TRIGGER volumes_path_unique BEFORE INSERT ON volumes
+WHEN EXISTS (SELECT 1 FROM volumes WHERE path = NEW.path)
+BEGIN
+    SELECT RAISE(ABORT, 'a volume of this name already exists in the project');
+END;
+"""
+
 #: ``MIGRATIONS[k]`` upgrades version k to k + 1.
-MIGRATIONS: list[str] = [_V1, _V2]
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 
 #: The version a database has after every migration.
 LATEST_VERSION = len(MIGRATIONS)
