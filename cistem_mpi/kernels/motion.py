@@ -925,40 +925,22 @@ class MovieAligner:
     def _final_stage(self, rs: np.ndarray, px: float) -> None:
         """Polish the converged shifts with the measured-SSNR filter (see ``final_filter``).
 
-        The filter is zero beyond the last ring with measurable signal, so the stage runs on the
-        refine frames Fourier-cropped to that band (FFTs a fraction of the size, same correlation),
-        and the shifts it finds are then applied to the refine frames, which patch alignment uses.
+        The stage runs on the refine frames at their full size.  (Cropping them to the band where the
+        filter is non-zero would be cheaper, but noise keeps the filter above zero out to the refine
+        Nyquist on any real movie, so that path never ran; it was removed rather than left untested.)
         """
         s = self.s
         filt = ssnr_filter(self.refine, self.ry, self.rx, s.mask_cross, s.vertical_half_width,
                            s.horizontal_half_width)
         if not np.any(filt > 0.05):
             return  # no measurable signal: unblur's result stands
-        k = np.sqrt(_freq2(self.ry, self.rx))
-        kmax = float(k[filt > 1e-3].max())  # cycles per refine pixel
-        frac = min(1.0, 2.0 * kmax * 1.15 + 8.0 / min(self.ry, self.rx))
-        cy = min(self.ry, good_fft_size(self.ry * frac))
-        cx = min(self.rx, good_fft_size(self.rx * frac))
-        if (cy, cx) != (self.ry, self.rx):
-            stack = np.stack([fourier_crop_half(f, self.ry, self.rx, cy, cx) for f in self.refine])
-            filt = ssnr_filter(stack, cy, cx, s.mask_cross, s.vertical_half_width, s.horizontal_half_width)
-        else:
-            stack = self.refine
-        # the smoother acts on the whole trajectory, as in the rounds before: start from it (cropped pixels)
-        cs0 = np.stack([rs[:, 0] * cx / self.rx, rs[:, 1] * cy / self.ry], axis=1)
-        cs = cs0.copy()
-        cpx = px * max(self.ry / cy, self.rx / cx)
+        cs = rs.copy()
         # a small radius: the coarse rounds already found the peak, and far noise peaks must not win
         self.iterations.append(align_stack(
-            stack, cy, cx, cs, max_iterations=s.max_iterations, unitless_bfactor=0.0,
-            min_radius=0.0, max_radius=max(1.5, s.final_max_shift / cpx), threshold=0.02 * px / cpx,
+            self.refine, self.ry, self.rx, cs, max_iterations=s.max_iterations, unitless_bfactor=0.0,
+            min_radius=0.0, max_radius=max(1.5, s.final_max_shift / px), threshold=0.02,
             window=s.window(self.exposure_per_frame), order=s.smoothing_order, smoothing=s.smoothing, filt=filt))
-        d = np.stack([(cs[:, 0] - cs0[:, 0]) * self.rx / cx, (cs[:, 1] - cs0[:, 1]) * self.ry / cy], axis=1)
-        if stack is not self.refine:
-            for i in range(self.n):
-                if d[i, 0] != 0.0 or d[i, 1] != 0.0:
-                    phase_shift_half(self.refine[i], self.ry, self.rx, d[i, 0], d[i, 1], out=self.refine[i])
-        rs += d
+        rs[:] = cs
 
     def align_local(self, grid: tuple[int, int] = (5, 5)) -> "DeformationModel":
         """Patch alignment on the globally aligned refine frames (call :meth:`align` first)."""
