@@ -11,6 +11,7 @@ from cistem_mpi.kernels import reconstruction as rec
 from cistem_mpi.kernels.ctf import ctf_2d
 from cistem_mpi.kernels.euler import rotation_matrix
 from cistem_mpi.kernels.fft import ft2
+from cistem_mpi.kernels.fsc import fsc as fsc_maps
 from cistem_mpi.kernels.symmetry import symmetry_matrices
 
 
@@ -80,9 +81,19 @@ def test_finish_maps_half_maps_fsc_and_sharpening():
     acc = bp.new_accumulators(24) + bp.new_accumulators(24)
     r3.insert_particles(acc, images, p, rec.half_sets(np.arange(1, 41)), 2.5, (300.0, 2.7, 0.07), np.eye(3)[None])
     g1, g2, gf, _ = r3.wiener_normalise(*acc, 12)
-    m = r3.finish_maps(g1, g2, gf, 12, 2.5, bfactor=50.0, mask_radius=10.0)
-    np.testing.assert_array_equal(m.half1, bp.ft_to_volume(g1, 12))
-    np.testing.assert_array_equal(m.volume, bp.ft_to_volume(gf, 12))
+    m = r3.finish_maps(g1, g2, gf, 12, 2.5, bfactor=50.0, mask_radius=10.0, keep_unmasked=True)
+    # no gridding correction (cisTEM's); the written maps carry the outer mask, the unmasked copies do not
+    h1, vol = bp.ft_to_volume(g1, 12, grid_correct=False), bp.ft_to_volume(gf, 12, grid_correct=False)
+    outer = r3.outer_mask(12, 10.0, 2.5)
+    np.testing.assert_array_equal(m.unmasked["half1"], h1)
+    np.testing.assert_array_equal(m.unmasked["volume"], vol)
+    np.testing.assert_array_equal(m.half1, h1 * outer)
+    np.testing.assert_array_equal(m.volume, vol * outer)
     assert m.bfactor == 50.0 and m.fsc is not m.fsc_unmasked
-    np.testing.assert_array_equal(m.sharpened, rec.sharpen(m.volume, 2.5, 50.0, m.resolution))
+    np.testing.assert_array_equal(m.sharpened, rec.sharpen(vol, 2.5, 50.0, m.resolution) * outer)
     assert np.allclose(m.frequency, np.arange(7) / (12 * 2.5))
+    # the FSC is that of the half maps before the outer mask: the same with or without unmasked copies
+    m2 = r3.finish_maps(g1, g2, gf, 12, 2.5, bfactor=50.0, mask_radius=10.0)
+    assert m2.unmasked is None
+    np.testing.assert_array_equal(m2.fsc, m.fsc)
+    np.testing.assert_array_equal(m2.fsc_unmasked, fsc_maps(h1, bp.ft_to_volume(g2, 12, grid_correct=False))[1])

@@ -79,8 +79,9 @@ def test_fsc_and_wiener_regularisers_follow_the_formulas():
     f = rec.fsc_from_sums(sums)
     assert np.allclose(f, [1.0, 0.5, 0.0])
     r_half, r_full = rec.wiener_regularisers(sums, f)
-    # <W_half> = 1, 2, 3; SSNR_half = FSC/(1-FSC) (FSC clipped to [1e-3, 0.999])
-    assert np.allclose(r_half, [1 * 0.001 / 0.999, 2 * 1.0, 3 * 0.999 / 0.001])
+    # <W_half> = 1, 2, 3; SSNR_half = G FSC/(1-FSC) (FSC clipped to [1e-3, 0.999])
+    g = rec.HALF_MAP_SSNR_GAIN
+    assert np.allclose(r_half, np.array([1 * 0.001 / 0.999, 2 * 1.0, 3 * 0.999 / 0.001]) / g)
     # <W_full> = 2, 4, 6; SSNR_full = 2 FSC/(1-FSC)
     assert np.allclose(r_full, [2 * 0.001 / (2 * 0.999), 4 * 0.5, 6 * 0.999 / 0.002])
 

@@ -459,7 +459,8 @@ def _reconstruct(ctx: JobContext, cfg: dict[str, Any], state: dict[str, Any] | N
             if cfg["half_by_position"] is not None:
                 extra["half_set"] = cfg["half_by_position"][p["position"].astype(np.int64)]
             particles = ParticleSet(params=p, optics=[cfg["optics"]], extra=extra)
-        rec = reconstruct_particles(ctx.world, cfg["stack"], particles, settings, invert=cfg.get("invert", False))
+        rec = reconstruct_particles(ctx.world, cfg["stack"], particles, settings, invert=cfg.get("invert", False),
+                                    log=ctx.log)
         if ctx.is_controller:
             out.append(rec)
     return out

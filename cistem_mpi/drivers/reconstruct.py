@@ -39,7 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cs", type=float, default=2.7)
     p.add_argument("--amplitude-contrast", type=float, default=0.07)
     p.add_argument("--symmetry", help="point group, e.g. C1, C4, D2, T, O, I (default: the package's)")
-    p.add_argument("--mask-radius", type=float, default=0.0, help="soft spherical mask radius for the FSC (Å)")
+    p.add_argument("--mask-radius", type=float, default=0.0,
+                   help="outer mask radius (Å), cisTEM's: the soft sphere (10 Å cosine edge) the written maps carry, "
+                        "the masked FSC's sphere, and where the noise is measured (default 0: no mask)")
+    p.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=True,
+                   help="whiten the particles by the noise spectrum measured outside the mask and scale each to unit "
+                        "background noise before insertion (cisTEM's 'Normalize particles'; default on)")
+    p.add_argument("--keep-unmasked", action="store_true",
+                   help="also write the maps before the outer mask (*_unmasked.mrc)")
     p.add_argument("--resolution-limit", type=float, default=0.0, help="insert data up to this resolution (Å)")
     p.add_argument("--bfactor", default="auto", help="sharpening B-factor in Å² ('auto': Guinier fit)")
     p.add_argument("--score-weighting", type=float, default=0.0,
@@ -103,15 +110,17 @@ def _job(ctx: JobContext) -> dict:
         from cistem_mpi.io.mrc import read_mrc_header
 
         box = int(read_mrc_header(stack_path).shape[2])
+        unmasked_bytes = 3 * 4 * box ** 3 if a.get("keep_unmasked") else 0  # map and half maps again
         check_free_space(ctx.project.root / naming.ASSET_DIRS["volumes"],  # type: ignore[union-attr]
-                         len(todo) * volume_set_bytes(box), "the volumes")
+                         len(todo) * (volume_set_bytes(box) + unmasked_bytes), "the volumes")
     todo_meta = ctx.world.bcast([(t[0], t[2], t[3], t[4]) for t in todo] if ctx.is_controller else None)
     symmetry = ctx.world.bcast(symmetry)
     settings = settings_from_args(a, symmetry)
     results = {}
     for i, (stack, name, display, fields) in enumerate(todo_meta):
         particles = todo[i][1] if ctx.is_controller else None
-        result = reconstruct_particles(ctx.world, stack, particles, settings, progress=ctx.progress, invert=invert)
+        result = reconstruct_particles(ctx.world, stack, particles, settings, progress=ctx.progress, invert=invert,
+                                       log=ctx.log)
         if ctx.is_controller:
             assert result is not None and particles is not None
             name, display = write_volume_assets(ctx, result, name, display, float(particles.optics[0].pixel_size),

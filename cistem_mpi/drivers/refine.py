@@ -22,7 +22,9 @@ import numpy as np
 
 from cistem_mpi.db import naming
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, check_options, run_job
+from cistem_mpi.drivers.node_references import NodeReferences
 from cistem_mpi.drivers.runtime import CheckpointStore, World, map_chunks
+from cistem_mpi.drivers.runtime.shared import node_of
 from cistem_mpi.drivers.volumejob import (
     Reconstruction, ReconstructionSettings, load_refinement, reconstruct_particles, volume_set_bytes,
     write_volume_assets,
@@ -98,7 +100,9 @@ def align_round(world: World, plan: dict[str, Any] | None, references: list[np.n
     """Align every particle to every class; return (per-class params, LogP (n, K)) on rank 0."""
     plan = world.bcast(plan)
     references = world.bcast(references)
-    vfts = [prepare_volume_ft(r.astype(np.float32), 2.0) for r in references]
+    # the references' transforms, once per node when several ranks share it
+    refs = NodeReferences(world, node_of(world), references, 2.0)
+    vfts = refs.vfts
     s: rf.AlignSettings = plan["align"]
     band = al.make_band(plan["box"], plan["pixel_size"], plan["high_resolution"], plan["low_resolution"])
     grid = search_band = None
@@ -128,6 +132,8 @@ def align_round(world: World, plan: dict[str, Any] | None, references: list[np.n
     results = map_chunks(world, len(plan["params"]), chunk, min_chunk=1, max_chunk=16, progress=progress)
     if "stack" in state:
         state["stack"].close()
+    vfts = []  # the views die with the window
+    refs.close()
     if not world.is_controller:
         return None
     return _collect(plan, results)
@@ -449,7 +455,7 @@ def _reconstruct_classes(ctx: JobContext, state: dict[str, Any], settings: Recon
             particles = ParticleSet(params=params, optics=[state["optics"]],
                                     extra=_stored_halves(state, params["position"]))
         rec = reconstruct_particles(ctx.world, state["stack"], particles, settings, progress=None,
-                                    invert=bool(state.get("invert", False)))
+                                    invert=bool(state.get("invert", False)), log=ctx.log)
         if ctx.is_controller:
             out.append(rec)
     return out

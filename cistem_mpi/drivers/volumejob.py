@@ -17,6 +17,7 @@ transforms, writes the maps and registers them.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,15 @@ import numpy as np
 from cistem_mpi.db import naming
 from cistem_mpi.db import packages as packages_db
 from cistem_mpi.drivers.jobrun import JobContext
+from cistem_mpi.drivers import node_reconstruction
 from cistem_mpi.drivers.runtime import World, gather_z, map_chunks, reduce_scatter_z
+from cistem_mpi.drivers.runtime.shared import memory_mode, node_of
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.params import Optics, ParticleSet
 from cistem_mpi.kernels import backprojection as bp
 from cistem_mpi.kernels import reconstruct3d as r3
 from cistem_mpi.kernels import reconstruction as rec
+from cistem_mpi.kernels import whitening as wh
 from cistem_mpi.kernels.reconstruct3d import WIENER_ITERATIONS
 from cistem_mpi.kernels.projection import padded_size
 from cistem_mpi.kernels.symmetry import symmetry_matrices
@@ -49,13 +53,18 @@ class ReconstructionSettings:
     padding: float = 2.0
     interpolation: str = "linear"  # trilinear insertion (the kernel's reconstruct mode)
     resolution_limit: float = 0.0  # Å; 0 = Nyquist
-    mask_radius: float = 0.0  # Å; 0 = no mask for the reported FSC
+    mask_radius: float = 0.0  # Å; outer mask of the written maps and the masked FSC; 0 = no mask
     score_weighting: float = 0.0  # Frealign score -> B-factor conversion; 0 = off
     bfactor: float | None = None  # None = automatic (Guinier)
     chunk_size: int | None = None
     #: Multiplies the full map's Wiener term: ``D / (W + nominator <W>_s / SSNR(s))`` per voxel (cisTEM's
     #: ``CTF^2 + nominator / SSNR``, ab initio's falling nominator); 1 = the plain Wiener filter. Half maps unaffected.
     wiener_nominator: float = 1.0
+    #: Whiten the particles by the data set's noise spectrum (measured outside the mask) before insertion and
+    #: scale each to unit background noise (cisTEM's "Normalize particles", on in reconstruct3d and refine).
+    whiten: bool = True
+    #: Also write the maps before the outer mask (``*_unmasked.mrc``).
+    keep_unmasked: bool = False
 
 
 @dataclass
@@ -74,6 +83,7 @@ def reconstruct_particles(
     settings: ReconstructionSettings,
     progress=None,
     invert: bool = False,
+    log: logging.Logger | None = None,
 ) -> Reconstruction | None:
     """Reconstruct one class from a particle stack on every rank of ``world``.
 
@@ -92,10 +102,14 @@ def reconstruct_particles(
     invert : bool
         The stack is stored protein white (RELION's convention): images are
         negated when read (rank 0's value is used).
+    log : logging.Logger, optional
+        Rank 0 logs the accumulation mode there.
 
     Returns
     -------
-    Reconstruction on rank 0, None elsewhere.
+    Reconstruction on rank 0, None elsewhere; ``extra["accumulation"]`` says
+    whether the ranks of a node shared one set of accumulators
+    (:mod:`~cistem_mpi.drivers.node_reconstruction`) or each had its own.
     """
     plan = None
     if world.is_controller:
@@ -105,6 +119,20 @@ def reconstruct_particles(
     plan = world.bcast(plan)
     n, p = plan["box"], plan["padded"]
     params = plan["params"]
+    node = node_of(world)
+    batch = node_reconstruction.batch_size(n, settings.chunk_size)
+    mode, why = memory_mode(world, node, node_reconstruction.window_bytes(n, p, node.size, batch))
+    if log is not None and world.is_controller:
+        log.info("accumulation: %s (%s)", mode, why)
+    if mode == "shared":
+        def finish(g1: np.ndarray, g2: np.ndarray, gf: np.ndarray, fsc: np.ndarray) -> Reconstruction:
+            return _finish(plan, settings, g1, g2, gf, fourier_fsc=fsc)
+
+        result = node_reconstruction.accumulate_and_normalise(world, node, plan, settings, progress,
+                                                              insertion_radius(plan, settings), finish)
+        if result is not None:
+            result.extra["accumulation"] = mode
+        return result
     d1, w1 = bp.new_accumulators(p)
     d2, w2 = bp.new_accumulators(p)
     worker = _Inserter(plan, settings, (d1, w1, d2, w2))
@@ -147,7 +175,15 @@ def reconstruct_particles(
     del s_d1, s_w1
     if not world.is_controller:
         return None
-    return _finish(plan, settings, g1, g2, gf, fourier_fsc=fsc)
+    result = _finish(plan, settings, g1, g2, gf, fourier_fsc=fsc)
+    result.extra["accumulation"] = mode
+    return result
+
+
+def insertion_radius(plan: dict[str, Any], settings: ReconstructionSettings) -> float:
+    """Frequencies inserted, in Fourier pixels of the box: Nyquist, or the resolution limit."""
+    n, ps = plan["box"], plan["pixel_size"]
+    return n // 2 if not settings.resolution_limit else min(n // 2, n * ps / settings.resolution_limit)
 
 
 def _plan(stack_path: str, particles: ParticleSet, settings: ReconstructionSettings) -> dict[str, Any]:
@@ -178,12 +214,39 @@ def _plan(stack_path: str, particles: ParticleSet, settings: ReconstructionSetti
     sel = params[keep][order]
     half = half_sets_of(particles, keep, order, stack_path)
     symmetry_matrices(settings.symmetry)  # validates the symbol
+    whitening = None
+    if settings.whiten:
+        spectrum = _noise_spectrum(stack_path, pixel_size, sel["position"], settings.mask_radius, int(nx))
+        whitening = wh.whitening_filter(spectrum, int(nx))
     return {
         "stack": str(stack_path), "box": int(nx), "padded": padded_size(nx, settings.padding),
         "pixel_size": pixel_size, "optics": optics, "params": sel,
         "half": half,
         "score_b": rec.score_bfactors(sel["score"], settings.score_weighting),
+        # (N, N//2+1) float32 or None: every rank multiplies its particles by it (prepare_slices(whitening=))
+        "whitening": whitening,
     }
+
+
+def _noise_spectrum(stack_path: str, pixel_size: float, positions: np.ndarray, mask_radius: float,
+                    box: int) -> np.ndarray:
+    """The data set's noise power spectrum outside the mask, from up to 2,000 particles (rank 0).
+
+    One spectrum for all particles, as cisTEM's reconstruct3d: an evenly spread sample (the same in every
+    run, so reruns give the same map), read in stack order, in chunks to bound the memory.
+    """
+    from cistem_mpi.io.mrc import open_stack
+
+    pos = np.sort(np.asarray(positions)[wh.sample_positions(len(positions))])
+    radius = wh.noise_mask_radius(mask_radius, pixel_size, box)
+    total = None
+    with open_stack(stack_path, pixel_size=pixel_size) as stack:
+        for i in range(0, len(pos), 256):
+            part = pos[i:i + 256]
+            p = wh.noise_power_spectrum(stack[part - 1], radius, wh.MASK_FALLOFF / pixel_size) * len(part)
+            total = p if total is None else total + p
+    assert total is not None
+    return total / len(pos)
 
 
 def half_sets_of(particles: ParticleSet, keep: np.ndarray, order: np.ndarray, where: str) -> np.ndarray:
@@ -215,23 +278,13 @@ class _Inserter:
         self.acc = acc
         self.stack = None
         self.sym = symmetry_matrices(settings.symmetry)
-        n = plan["box"]
-        ps = plan["pixel_size"]
-        self.max_radius = n // 2 if not settings.resolution_limit else min(n // 2, n * ps / settings.resolution_limit)
+        self.max_radius = insertion_radius(plan, settings)
 
     def __call__(self, start: int, stop: int, _data: Any) -> list[int]:
-        from cistem_mpi.io.mrc import check_finite, open_stack
-
-        plan = self.plan
         if self.stack is None:
-            self.stack = open_stack(plan["stack"], pixel_size=plan["pixel_size"], invert=plan.get("invert", False))
-        rows = plan["params"][start:stop]
-        o: Optics = plan["optics"]
-        imgs = self.stack[rows["position"] - 1]
-        check_finite(imgs, plan["stack"], rows["position"])  # one NaN pixel would make the whole map NaN
-        r3.insert_particles(self.acc, imgs, rows, plan["half"][start:stop], plan["pixel_size"],
-                            (o.voltage, o.cs, o.amplitude_contrast), self.sym, score_b=plan["score_b"][start:stop],
-                            method=self.settings.interpolation, max_radius=self.max_radius)
+            self.stack = node_reconstruction.open_plan_stack(self.plan)
+        s = node_reconstruction.prepared_batch(self.stack, self.plan, np.arange(start, stop))
+        r3.insert_prepared(self.acc, s, self.sym, method=self.settings.interpolation, max_radius=self.max_radius)
         return [1] * (stop - start)
 
     def close(self) -> None:
@@ -246,11 +299,12 @@ def _finish(plan: dict[str, Any], settings: ReconstructionSettings, g1: np.ndarr
             gf: np.ndarray, fourier_fsc: np.ndarray) -> Reconstruction:
     """Inverse transforms, FSC, resolution and sharpening (rank 0)."""
     m = r3.finish_maps(g1, g2, gf, plan["box"], plan["pixel_size"], settings.interpolation, settings.mask_radius,
-                       settings.bfactor)
+                       settings.bfactor, keep_unmasked=settings.keep_unmasked,
+                       overwrite_input=True)  # the gathered (or node-shared) transforms are used once
     return Reconstruction(
         volume=m.volume, half1=m.half1, half2=m.half2, sharpened=m.sharpened, frequency=m.frequency, fsc=m.fsc,
         fsc_unmasked=m.fsc_unmasked, resolution=m.resolution, bfactor=m.bfactor, n_particles=len(plan["params"]),
-        extra={"fourier_fsc": fourier_fsc},
+        extra={"fourier_fsc": fourier_fsc}, unmasked=m.unmasked,
     )
 
 
@@ -320,6 +374,9 @@ def write_volume_assets(ctx: JobContext, result: Reconstruction, file_name: str,
     write_mrc(ctx.stage(paths["half_map_1"]), result.half1, pixel_size)
     write_mrc(ctx.stage(paths["half_map_2"]), result.half2, pixel_size)
     write_mrc(ctx.stage(vol_dir / f"{stem}_sharpened.mrc"), result.sharpened, pixel_size)
+    for key, suffix in (("volume", ""), ("half1", "_half1"), ("half2", "_half2")):
+        if result.unmasked is not None:  # only on request (--keep-unmasked): the maps before the outer mask
+            write_mrc(ctx.stage(vol_dir / f"{stem}{suffix}_unmasked.mrc"), result.unmasked[key], pixel_size)
     ov = orth_views(result.volume)
     write_mrc(ctx.stage(paths["orth_view"]), ov, pixel_size)
     save_image_png(ctx.stage(orth_dir / f"{stem}.png"), ov,
@@ -350,6 +407,8 @@ def settings_from_args(a: dict[str, Any], symmetry: str) -> ReconstructionSettin
         symmetry=symmetry, padding=a.get("padding", 2.0),
         resolution_limit=a.get("resolution_limit", 0.0) or 0.0, mask_radius=a.get("mask_radius", 0.0) or 0.0,
         score_weighting=a.get("score_weighting", 0.0) or 0.0, bfactor=bfactor,
+        # commands without the options (refine, ab-initio) reconstruct as cisTEM's refine does: whitened
+        whiten=bool(a.get("whiten", True)), keep_unmasked=bool(a.get("keep_unmasked", False)),
     )
 
 

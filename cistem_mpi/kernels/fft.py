@@ -40,7 +40,7 @@ except Exception:  # pragma: no cover - exercised only without pyfftw
     _HAVE_PYFFTW = False
 
 __all__ = [
-    "rfftn", "irfftn", "fftn", "ifftn", "ft2", "ift2", "ftn", "iftn",
+    "rfftn", "irfftn", "fftn", "ifftn", "ft2", "ift2", "ftn", "iftn", "iftn_crop",
     "plan_cache_info", "clear_plan_cache", "use_pyfftw", "nice_size",
 ]
 
@@ -244,6 +244,67 @@ def iftn(f: np.ndarray, nx: int | None = None) -> np.ndarray:
     f = np.asarray(f)
     n = f.shape[0] if nx is None else nx
     return np.fft.fftshift(irfftn(f, n))
+
+
+#: Transforms larger than this (bytes) get a plan of their own instead of a cached one: a cached plan keeps
+#: its input and output buffers for the life of the process (1 GB for a 512^3 reconstruction).
+_UNCACHED_BYTES = 256 << 20
+
+
+def iftn_crop(f: np.ndarray, nx: int, n: int, overwrite_input: bool = False) -> np.ndarray:
+    """The central ``n``-cube of :func:`iftn` (``f`` of a centred ``nx``-cube), without the centring copy.
+
+    ``iftn(f)[o:o+n, o:o+n, o:o+n]`` with ``o = nx//2 - n//2``, but the
+    voxel at centred index ``o + i`` is read straight from index
+    ``(i - n//2) mod nx`` of the uncentred transform, so no second full-size
+    array is made; transforms above 256 MB use scipy.fft (no plan kept).
+
+    Parameters
+    ----------
+    f : numpy.ndarray
+        rfft half layout of shape ``(nx, nx, nx//2+1)``.
+    nx : int
+        Real size of the transformed cube.
+    n : int
+        Edge of the central cube returned.
+    overwrite_input : bool
+        ``f`` may be destroyed: a C-contiguous complex64 ``f`` is then
+        transformed in place (FFTW's padded in-place layout: the real cube
+        overlays the transform), so no padded-size array is made at all --
+        the last 1 GB of a box-256 reconstruction's finishing on rank 0.
+
+    Returns
+    -------
+    numpy.ndarray, shape (n, n, n)
+
+    Examples
+    --------
+    >>> v = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+    >>> bool(np.allclose(iftn_crop(ftn(v), 8, 4), v[2:6, 2:6, 2:6], atol=1e-5))
+    True
+    >>> bool(np.allclose(iftn_crop(ftn(v), 8, 4, overwrite_input=True), v[2:6, 2:6, 2:6], atol=1e-5))
+    True
+    """
+    f = np.asarray(f)
+    idx = (np.arange(n) - n // 2) % nx
+    if (overwrite_input and _use_pyfftw and f.dtype == np.complex64 and f.flags.c_contiguous
+            and f.shape == (nx, nx, nx // 2 + 1)):
+        real = f.view(np.float32)[:, :, :nx]
+        try:
+            plan = pyfftw.FFTW(f, real, axes=(0, 1, 2), direction="FFTW_BACKWARD",
+                               flags=("FFTW_ESTIMATE", "FFTW_DESTROY_INPUT"), threads=_threads)
+        except ValueError:  # an alignment pyfftw refuses: the out-of-place transform below
+            pass
+        else:
+            plan.execute()
+            return (real[np.ix_(idx, idx, idx)] * np.float32(1.0 / float(nx) ** 3)).astype(np.float32)
+    if f.dtype not in (np.complex64, np.complex128):
+        f = f.astype(np.complex64)
+    if f.nbytes > _UNCACHED_BYTES:
+        big = _sfft.irfftn(f, s=(nx, nx, nx), axes=(0, 1, 2), workers=_threads)
+    else:
+        big = irfftn(f, nx)
+    return np.ascontiguousarray(big[np.ix_(idx, idx, idx)])
 
 
 def nice_size(n: int) -> int:

@@ -11,7 +11,7 @@ resolution and a sharpened map.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,8 +24,10 @@ from cistem_mpi.kernels.fsc import fsc as fsc_maps
 from cistem_mpi.kernels.fsc import resolution_at
 from cistem_mpi.kernels.masks import sphere_mask
 from cistem_mpi.kernels.shifts import phase_shift
+from cistem_mpi.kernels.whitening import MASK_FALLOFF, background_radius, whiten_images
 
-__all__ = ["WIENER_ITERATIONS", "ReconstructedMaps", "insert_particles", "wiener_normalise", "finish_maps"]
+__all__ = ["WIENER_ITERATIONS", "ReconstructedMaps", "PreparedSlices", "prepare_slices", "insert_prepared",
+           "insert_particles", "wiener_normalise", "finish_maps", "outer_mask"]
 
 #: Rounds of FSC -> regulariser -> FSC before the final normalisation.
 WIENER_ITERATIONS = 3
@@ -44,19 +46,33 @@ class ReconstructedMaps:
     fsc_unmasked: np.ndarray
     resolution: float  # Å at FSC = 0.143
     bfactor: float  # Å², the sharpening applied
+    #: volume, half1, half2 before the outer mask (only when asked for: ``keep_unmasked``); keyword-only so
+    #: subclasses may add fields without defaults
+    unmasked: dict[str, np.ndarray] | None = field(default=None, kw_only=True)
 
 
-def insert_particles(acc: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], images: np.ndarray,
-                     params: np.ndarray, half: np.ndarray, pixel_size: float,
-                     optics: tuple[float, float, float], symmetry: np.ndarray,
-                     score_b: np.ndarray | None = None, method: str = "linear",
-                     max_radius: float | None = None) -> None:
-    """Normalise, centre, CTF-weight and insert particle images into two half-set accumulators, in place.
+@dataclass
+class PreparedSlices:
+    """Particle images made ready for insertion (what :func:`prepare_slices` returns).
+
+    ``fts[i]`` is to be inserted with weight ``ctf[i]`` at ``sym @ rot[i]`` for
+    every symmetry operator, scaled by ``weights[i]``; ``half[i]`` names its half set.
+    """
+
+    fts: np.ndarray  # (n, N, N//2+1) complex64, centred
+    ctf: np.ndarray  # (n, N, N//2+1) float32 (score weighting folded in)
+    rot: np.ndarray  # (n, 3, 3) float64
+    weights: np.ndarray  # (n,) float32 (occupancy)
+    half: np.ndarray  # (n,) half set 1 or 2
+
+
+def prepare_slices(images: np.ndarray, params: np.ndarray, half: np.ndarray, pixel_size: float,
+                   optics: tuple[float, float, float], score_b: np.ndarray | None = None,
+                   whitening: np.ndarray | None = None) -> PreparedSlices:
+    """Normalise, centre and CTF-weight particle images: everything before the 3D insertion.
 
     Parameters
     ----------
-    acc : (d1, w1, d2, w2)
-        Accumulators of half sets 1 and 2 (:func:`~cistem_mpi.kernels.backprojection.new_accumulators`).
     images : numpy.ndarray, shape (n, N, N)
         Particle images, protein dark (cisTEM's contrast).
     params : numpy.ndarray
@@ -67,11 +83,125 @@ def insert_particles(acc: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
         Å per pixel.
     optics : (float, float, float)
         Voltage (kV), Cs (mm), amplitude contrast.
+    score_b : numpy.ndarray, shape (n,), optional
+        Per-particle B-factors (Å²) weighting each image by ``exp(-B s²/4)`` (score weighting).
+    whitening : numpy.ndarray, shape (N, N//2+1), optional
+        Whitening filter (:func:`~cistem_mpi.kernels.whitening.whitening_filter` of the data set's noise
+        spectrum; or one per image, shape (n, N, N//2+1)): each image is multiplied by it and then scaled to
+        unit noise variance in the ring next to the box edge (cisTEM's ``normalize_particles``), and its CTF
+        weights by the same ``1 / sigma(k)`` (inverse-noise weighting; the map is not left whitened).
+        None: each image is scaled to zero mean and unit variance over the whole box.
+
+    Returns
+    -------
+    PreparedSlices
+
+    Examples
+    --------
+    >>> from cistem_mpi.io.params import empty_params
+    >>> p = empty_params(2); p["df1"] = p["df2"] = 15000.0
+    >>> s = prepare_slices(np.random.default_rng(0).normal(size=(2, 8, 8)), p, np.array([1, 2]), 2.0,
+    ...                    (300.0, 2.7, 0.07))
+    >>> s.fts.shape, s.ctf.dtype.name, s.rot.shape
+    ((2, 8, 5), 'float32', (2, 3, 3))
+    """
+    n = images.shape[-1]
+    ps = float(pixel_size)
+    if whitening is not None:
+        # the filter equalises the noise over frequency; the ring next to the edge then holds (almost) only
+        # noise, so scaling by it gives every particle the same noise level whatever its signal or ice
+        imgs, noise_scale = whiten_images(images, whitening, background_radius(ps, n), return_scale=True)
+    else:
+        imgs = images - images.mean(axis=(1, 2), keepdims=True)
+        sd = imgs.std(axis=(1, 2), keepdims=True)
+        imgs = imgs / np.where(sd > 0, sd, 1.0)
+    f = phase_shift(ft2(imgs.astype(np.float32)), -params["shx"] / ps, -params["shy"] / ps)
+    voltage, cs, ac = optics
+    ctf = ctf_2d_stack(n, ps, voltage, cs, ac, params["df1"], params["df2"], params["angast"], params["pshift"])
+    if score_b is not None and np.any(score_b != 0):
+        # per-particle B: weight sqrt(w) on both c and F gives w*c*F and w*c^2
+        fy = np.fft.fftfreq(n)[:, None]
+        fx = np.fft.rfftfreq(n)[None, :]
+        s2 = ((fy ** 2 + fx ** 2) / ps ** 2).astype(np.float32)  # (1/Å)^2 on the half grid
+        root_w = np.exp(-np.asarray(score_b)[:, None, None] * s2[None] / 8.0).astype(np.float32)
+        ctf = ctf * root_w
+        f = f * root_w
+    if whitening is not None:
+        # The CTF weights carry the whitening too (cisTEM filters the image only): each frequency of each
+        # particle is then inserted with weight CTF^2 / sigma^2(k), the inverse-noise weighting, and
+        # D / W estimates the map itself, not a map left whitened by the filter.  With noise that differs
+        # between groups of particles this raises the FSC against the truth (test_whitening.py).
+        inv_sigma = np.asarray(whitening, dtype=np.float32) * noise_scale.reshape(-1, 1, 1)
+        ctf = ctf * inv_sigma
+    rot = rotation_matrix(params["phi"], params["theta"], params["psi"]).reshape(-1, 3, 3)
+    occ = (params["occ"] / 100.0).astype(np.float32)
+    return PreparedSlices(fts=np.ascontiguousarray(f, dtype=np.complex64),
+                          ctf=np.ascontiguousarray(ctf, dtype=np.float32), rot=np.ascontiguousarray(rot),
+                          weights=occ, half=np.asarray(half))
+
+
+def insert_prepared(acc: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], s: PreparedSlices,
+                    symmetry: np.ndarray, method: str = "linear", max_radius: float | None = None,
+                    z_range: tuple[int, int] | None = None) -> None:
+    """Insert prepared slices into two half-set accumulators, in place (once per symmetry operator).
+
+    Parameters
+    ----------
+    acc : (d1, w1, d2, w2)
+        Accumulators of half sets 1 and 2, whole or rows ``z_range`` of them.
+    s : PreparedSlices
+    symmetry : numpy.ndarray, shape (k, 3, 3)
+        Symmetry operators; each image is inserted at ``S @ R`` for each.
+    method : str
+        Insertion kernel (``"linear"``: trilinear, cisTEM's).
+    max_radius : float, optional
+        Insert frequencies up to this radius (Fourier pixels of N); default N//2.
+    z_range : (int, int), optional
+        The accumulators hold kz-rows ``z0:z1`` only (a slab; see
+        :func:`~cistem_mpi.kernels.backprojection.insert_slices`).
+
+    Returns
+    -------
+    None
+
+    Examples
+    --------
+    >>> from cistem_mpi.io.params import empty_params
+    >>> p = empty_params(1); p["df1"] = p["df2"] = 15000.0
+    >>> s = prepare_slices(np.ones((1, 8, 8)), p, np.array([2]), 2.0, (300.0, 2.7, 0.07))
+    >>> acc = bp.new_accumulators(16) + bp.new_accumulators(16)
+    >>> insert_prepared(acc, s, np.eye(3)[None])
+    >>> float(acc[1].sum()), bool(acc[3].sum() > 0)
+    (0.0, True)
+    """
+    d1, w1, d2, w2 = acc
+    for h, (d, w) in ((1, (d1, w1)), (2, (d2, w2))):
+        m = s.half == h
+        if not m.any():
+            continue
+        for op in symmetry:  # each symmetry copy: insert at S @ R
+            bp.insert_slices(d, w, s.fts[m], op[None] @ s.rot[m], ctf=s.ctf[m], image_weights=s.weights[m],
+                             method=method, max_radius=max_radius, z_range=z_range)
+
+
+def insert_particles(acc: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], images: np.ndarray,
+                     params: np.ndarray, half: np.ndarray, pixel_size: float,
+                     optics: tuple[float, float, float], symmetry: np.ndarray,
+                     score_b: np.ndarray | None = None, method: str = "linear",
+                     max_radius: float | None = None, whitening: np.ndarray | None = None) -> None:
+    """Normalise, centre, CTF-weight and insert particle images into two half-set accumulators, in place.
+
+    :func:`prepare_slices` followed by :func:`insert_prepared`.
+
+    Parameters
+    ----------
+    acc : (d1, w1, d2, w2)
+        Accumulators of half sets 1 and 2 (:func:`~cistem_mpi.kernels.backprojection.new_accumulators`).
+    images, params, half, pixel_size, optics, score_b, whitening
+        As for :func:`prepare_slices`.
     symmetry : numpy.ndarray, shape (k, 3, 3)
         Symmetry operators (:func:`~cistem_mpi.kernels.symmetry.symmetry_matrices`); each image is
         inserted once per operator.
-    score_b : numpy.ndarray, shape (n,), optional
-        Per-particle B-factors (Å²) weighting each image by ``exp(-B s²/4)`` (score weighting).
     method : str
         Insertion kernel (``"linear"``: trilinear, cisTEM's).
     max_radius : float, optional
@@ -91,32 +221,8 @@ def insert_particles(acc: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     >>> bool(acc[1].sum() > 0 and acc[3].sum() > 0)
     True
     """
-    n = images.shape[-1]
-    ps = float(pixel_size)
-    imgs = images - images.mean(axis=(1, 2), keepdims=True)
-    sd = imgs.std(axis=(1, 2), keepdims=True)
-    imgs = imgs / np.where(sd > 0, sd, 1.0)
-    f = phase_shift(ft2(imgs.astype(np.float32)), -params["shx"] / ps, -params["shy"] / ps)
-    voltage, cs, ac = optics
-    ctf = ctf_2d_stack(n, ps, voltage, cs, ac, params["df1"], params["df2"], params["angast"], params["pshift"])
-    if score_b is not None and np.any(score_b != 0):
-        # per-particle B: weight sqrt(w) on both c and F gives w*c*F and w*c^2
-        fy = np.fft.fftfreq(n)[:, None]
-        fx = np.fft.rfftfreq(n)[None, :]
-        s2 = ((fy ** 2 + fx ** 2) / ps ** 2).astype(np.float32)  # (1/Å)^2 on the half grid
-        root_w = np.exp(-np.asarray(score_b)[:, None, None] * s2[None] / 8.0).astype(np.float32)
-        ctf = ctf * root_w
-        f = f * root_w
-    rot = rotation_matrix(params["phi"], params["theta"], params["psi"]).reshape(-1, 3, 3)
-    occ = (params["occ"] / 100.0).astype(np.float32)
-    d1, w1, d2, w2 = acc
-    for h, (d, w) in ((1, (d1, w1)), (2, (d2, w2))):
-        m = half == h
-        if not m.any():
-            continue
-        for s in symmetry:  # each symmetry copy: insert at S @ R
-            bp.insert_slices(d, w, f[m], s[None] @ rot[m], ctf=ctf[m], image_weights=occ[m],
-                             method=method, max_radius=max_radius)
+    s = prepare_slices(images, params, half, pixel_size, optics, score_b=score_b, whitening=whitening)
+    insert_prepared(acc, s, symmetry, method=method, max_radius=max_radius)
 
 
 def wiener_normalise(d1: np.ndarray, w1: np.ndarray, d2: np.ndarray, w2: np.ndarray, n: int,
@@ -166,9 +272,41 @@ def wiener_normalise(d1: np.ndarray, w1: np.ndarray, d2: np.ndarray, w2: np.ndar
     return g1, g2, gf, fsc
 
 
+def outer_mask(n: int, mask_radius: float, pixel_size: float) -> np.ndarray:
+    """The soft outer mask the written maps carry: a sphere of ``mask_radius`` Å, 10 Å cosine edge (cisTEM's).
+
+    Parameters
+    ----------
+    n : int
+        Box size.
+    mask_radius : float
+        Outer mask radius (Å), centre of the cosine edge (cisTEM's ``CosineMask`` convention).
+    pixel_size : float
+        Å per voxel.
+
+    Returns
+    -------
+    numpy.ndarray, shape (n, n, n), float32
+
+    Examples
+    --------
+    >>> m = outer_mask(64, 15.0, 1.0)
+    >>> [round(float(m[32, 32, 32 + r]), 3) for r in (0, 10, 15, 20)]
+    [1.0, 1.0, 0.5, 0.0]
+    """
+    return sphere_mask(n, mask_radius / pixel_size, edge=MASK_FALLOFF / pixel_size)
+
+
 def finish_maps(g1: np.ndarray, g2: np.ndarray, gf: np.ndarray, n: int, pixel_size: float,
-                method: str = "linear", mask_radius: float = 0.0, bfactor: float | None = None) -> ReconstructedMaps:
-    """Inverse transforms, half-map FSC, resolution at 0.143 and the sharpened map.
+                method: str = "linear", mask_radius: float = 0.0, bfactor: float | None = None,
+                keep_unmasked: bool = False, grid_correct: bool = False,
+                overwrite_input: bool = False) -> ReconstructedMaps:
+    """Inverse transforms, half-map FSC, resolution at 0.143, the sharpened map and the outer mask.
+
+    The FSC is that of the half maps before the outer mask (with ``mask_radius``: also after the FSC's own
+    soft sphere), so its meaning does not depend on the mask the maps are written with.  The maps
+    returned (volume, half maps, sharpened map) carry :func:`outer_mask` when ``mask_radius > 0``, as
+    cisTEM writes them.
 
     Parameters
     ----------
@@ -181,9 +319,19 @@ def finish_maps(g1: np.ndarray, g2: np.ndarray, gf: np.ndarray, n: int, pixel_si
     method : str
         The insertion kernel (for the gridding correction).
     mask_radius : float
-        Soft spherical mask radius (Å) for the reported FSC; 0: no mask.
+        Outer mask radius (Å): the soft sphere of the masked FSC and of the maps returned; 0: no mask.
     bfactor : float or None
         Sharpening B-factor (Å²); None: a Guinier fit on the FSC-weighted map (never negative).
+    keep_unmasked : bool
+        Also return the maps before the outer mask (``unmasked``).
+    grid_correct : bool
+        Divide by the interpolation kernel's apodisation.  Off by default, as in cisTEM (``Correct3D`` is
+        not applied): the correction restores the signal near the box edge but amplifies the noise there
+        by the same factor, up to 1.7x at 0.4 N from the centre with trilinear insertion and no padding,
+        and lowers the masked FSC against the truth by up to 0.08 near Nyquist (measured).
+    overwrite_input : bool
+        ``g1``, ``g2`` and ``gf`` may be destroyed: each is inverse-transformed in place, so no
+        padded-size array is made (1 GB less on rank 0 at box 256; the jobs pass their own copies).
 
     Returns
     -------
@@ -193,13 +341,13 @@ def finish_maps(g1: np.ndarray, g2: np.ndarray, gf: np.ndarray, n: int, pixel_si
     --------
     >>> d, w = bp.new_accumulators(8)
     >>> maps = finish_maps(d, d, d, 4, 2.0, bfactor=0.0)
-    >>> maps.volume.shape, maps.bfactor
-    ((4, 4, 4), 0.0)
+    >>> maps.volume.shape, maps.bfactor, maps.unmasked
+    ((4, 4, 4), 0.0, None)
     """
     ps = float(pixel_size)
-    half1 = bp.ft_to_volume(g1, n, method)
-    half2 = bp.ft_to_volume(g2, n, method)
-    volume = bp.ft_to_volume(gf, n, method)
+    half1 = bp.ft_to_volume(g1, n, method, grid_correct=grid_correct, overwrite_input=overwrite_input)
+    half2 = bp.ft_to_volume(g2, n, method, grid_correct=grid_correct, overwrite_input=overwrite_input)
+    volume = bp.ft_to_volume(gf, n, method, grid_correct=grid_correct, overwrite_input=overwrite_input)
     freq, fsc_unmasked = fsc_maps(half1, half2)
     if mask_radius > 0:
         mask = sphere_mask(n, mask_radius / ps, edge=max(2.0, 6.0 / ps))
@@ -214,6 +362,13 @@ def finish_maps(g1: np.ndarray, g2: np.ndarray, gf: np.ndarray, n: int, pixel_si
                                       shell_weights=wiener_weight)
         bfactor = max(0.0, bfactor)  # never blur a map while "sharpening" it
     sharpened = rec.sharpen(volume, ps, bfactor, resolution)
+    unmasked = None
+    if mask_radius > 0:
+        if keep_unmasked:
+            unmasked = {"volume": volume, "half1": half1, "half2": half2}
+        outer = outer_mask(n, mask_radius, ps)
+        # masked after sharpening, so the sharpening filter cannot ring off the mask's edge
+        volume, half1, half2, sharpened = volume * outer, half1 * outer, half2 * outer, sharpened * outer
     return ReconstructedMaps(volume=volume, half1=half1, half2=half2, sharpened=sharpened, frequency=freq / ps,
                              fsc=fsc_masked, fsc_unmasked=fsc_unmasked, resolution=resolution,
-                             bfactor=float(bfactor))
+                             bfactor=float(bfactor), unmasked=unmasked)

@@ -28,7 +28,8 @@ from cistem_mpi.kernels.filters import apply_bfactor, lowpass
 from cistem_mpi.kernels.radial import shell_average
 
 __all__ = [
-    "half_sets", "half_lookup", "slab_shell_sums", "fsc_from_sums", "wiener_regularisers", "normalise_slab",
+    "HALF_MAP_SSNR_GAIN", "half_sets", "half_lookup", "slab_shell_sums", "fsc_from_sums", "wiener_regularisers",
+    "normalise_slab",
     "guinier_bfactor", "sharpen", "score_bfactors",
 ]
 
@@ -126,11 +127,19 @@ def fsc_from_sums(sums: np.ndarray) -> np.ndarray:
     return np.divide(sums[0], den, out=np.zeros(sums.shape[1]), where=den > 0)
 
 
+#: The half maps' SSNR is taken this many times the whole-box Fourier FSC's: that FSC sees the noise of the
+#: whole box while the particle fills only part of it (about 1/8 for a particle of 0.6 box diameters), so it
+#: underestimates the SSNR *in the particle* by about that fraction (cisTEM's ``part_SSNR`` corrects the
+#: same way).  Too large a regulariser flattens the half maps towards ``D / r``; with the gain the masked
+#: half maps' FSC against the truth matches or beats cisTEM's up to Nyquist (test_whitening.py).
+HALF_MAP_SSNR_GAIN = 8.0
+
+
 def wiener_regularisers(sums: np.ndarray, fsc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-shell regularisers for a half map and for the full map.
 
-    ``r_half(s) = <W_half>_s / SSNR_half(s)`` with ``SSNR_half = FSC/(1-FSC)``
-    and ``r_full(s) = <W_full>_s / SSNR_full(s)`` with
+    ``r_half(s) = <W_half>_s / SSNR_half(s)`` with ``SSNR_half = G FSC/(1-FSC)``
+    (``G`` = :data:`HALF_MAP_SSNR_GAIN`) and ``r_full(s) = <W_full>_s / SSNR_full(s)`` with
     ``SSNR_full = 2 FSC/(1-FSC)``.  The FSC is clipped to [1e-3, 0.999] so a
     shell without signal is damped hard but finitely.
     """
@@ -138,7 +147,7 @@ def wiener_regularisers(sums: np.ndarray, fsc: np.ndarray) -> tuple[np.ndarray, 
     count = np.maximum(sums[5], 1.0)
     mean_half = 0.5 * (sums[3] + sums[4]) / count
     mean_full = (sums[3] + sums[4]) / count
-    r_half = mean_half * (1.0 - f) / f
+    r_half = mean_half * (1.0 - f) / (HALF_MAP_SSNR_GAIN * f)
     r_full = mean_full * (1.0 - f) / (2.0 * f)
     return r_half, r_full
 

@@ -80,6 +80,7 @@ def gather_z(world: World, slab: np.ndarray, full_shape: tuple[int, ...]) -> np.
 
     The slabs may have another dtype than the accumulator (e.g. a normalised
     real-space slab); all ranks must use the same dtype and ``full_shape``.
+    With one rank the slab itself is returned.
     """
     full_shape = tuple(full_shape)
     bounds = slab_bounds(full_shape[0], world.size)
@@ -87,8 +88,8 @@ def gather_z(world: World, slab: np.ndarray, full_shape: tuple[int, ...]) -> np.
     slab = np.ascontiguousarray(slab)
     if slab.shape != (z1 - z0,) + full_shape[1:]:
         raise ValueError(f"rank {world.rank}: slab shape {slab.shape} does not match planes {z0}:{z1} of {full_shape}")
-    if world.size == 1:
-        return slab.copy()
+    if world.size == 1:  # the slab is the whole array: no copy (a copy doubled a 1-rank job's peak)
+        return slab
     per_plane = int(np.prod(full_shape[1:], dtype=np.int64)) * (2 if np.iscomplexobj(slab) else 1)
     counts = [(b - a) * per_plane for a, b in bounds]
     displs = [a * per_plane for a, _ in bounds]
