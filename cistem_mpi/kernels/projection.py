@@ -34,8 +34,8 @@ from cistem_mpi.kernels.interpolation import (
     locate, n_taps, tap_weights, apodization_3d, method_code,
 )
 
-__all__ = ["VolumeFT", "prepare_volume_ft", "padded_size", "extract_slices", "project",
-           "extract_slices_numpy"]
+__all__ = ["VolumeFT", "prepare_volume_ft", "padded_size", "extract_slices", "extract_slices_cropped",
+           "project", "extract_slices_numpy"]
 
 
 def padded_size(n: int, pad: float) -> int:
@@ -162,6 +162,53 @@ def _extract(vf, p, rot, scale, nimg, rmax2, method, out):
                 out[i, iy, ix] = complex(acc_r, acc_i)
 
 
+@njit(cache=True)
+def _fill_compact(vf, p, r, lo, out):
+    half = p // 2
+    for iz in range(2 * r + 1):
+        for iy in range(2 * r + 1):
+            for ix in range(r + lo + 1):
+                zs, ys, xs, cj = locate(ix - lo, iy - r, iz - r, p, half)
+                v = vf[zs, ys, xs]
+                out[iz, iy, ix] = np.conj(v) if cj else v
+
+
+#: Largest band block :func:`compact_ft` makes per rank (bytes): 44 ranks x 32 MB stays small beside the node's
+#: one shared copy of the reference.
+COMPACT_MAX_BYTES = 32 << 20
+
+
+def compact_ft(vft: VolumeFT, radius: float, max_fraction: float = 0.5):
+    """The padded transform's frequencies within ``radius`` (padded-grid pixels) as a small dense block.
+
+    Slices extracted only to a band limit read a ball of the padded
+    transform; stored compactly (``[kz + r, ky + r, kx + lo]`` for
+    ``|kz|, |ky| <= r``, ``-lo <= kx <= r``, Friedel mates and periodic wrap
+    already resolved) that ball fits in cache instead of being scattered over
+    the whole ``P^2 (P/2+1)`` array -- what binning the reference to the
+    resolution limit buys.  The values are exactly those ``_extract`` reads.
+
+    Returns ``(block, r, lo)``, cached on ``vft`` per radius, or ``None``
+    when the block would hold more than ``max_fraction`` of the transform
+    (then the transform itself is as good) or more than
+    :data:`COMPACT_MAX_BYTES`: the block is private to each rank, while the
+    transform may be one copy shared by the node's ranks, and a block that
+    large no longer fits a cache anyway.
+    """
+    r = int(np.ceil(radius)) + 3  # + the cubic kernel's reach beyond the last coordinate
+    lo = 2
+    shape = (2 * r + 1, 2 * r + 1, r + lo + 1)
+    voxels = shape[0] * shape[1] * shape[2]
+    if voxels > max_fraction * vft.data.size or voxels * 8 > COMPACT_MAX_BYTES:
+        return None
+    cache = vft.__dict__.setdefault("_compact", {})
+    if r not in cache:
+        out = np.empty(shape, dtype=np.complex64)
+        _fill_compact(vft.data, vft.size, r, lo, out)
+        cache[r] = (out, r, lo)
+    return cache[r]
+
+
 def _as_rotations(rotmats: np.ndarray) -> np.ndarray:
     r = np.asarray(rotmats, dtype=np.float64)
     if r.ndim == 2:
@@ -206,6 +253,43 @@ def extract_slices(vft: VolumeFT, rotmats: np.ndarray, image_size: int | None = 
     if out is None:
         out = np.empty((r.shape[0], n_img, n_img // 2 + 1), dtype=np.complex64)
     _extract(vft.data, vft.size, r, vft.size / n_img, n_img, rmax * rmax, m, out)
+    return out
+
+
+def extract_slices_cropped(vft: VolumeFT, rotmats: np.ndarray, m: int, max_radius: float | None = None,
+                           method: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Central sections on the Fourier-cropped ``m``-grid of the map's ``N``-images.
+
+    The same values as ``crop_ft(extract_slices(vft, rotmats, max_radius=...), m)``
+    (frequencies ``|ky| <= m/2``, ``kx <= m/2`` of the ``N``-image, at its
+    pixel size), without computing and then discarding the rest of the
+    ``N``-grid: what alignment in a band below Nyquist needs.
+
+    Parameters
+    ----------
+    vft : VolumeFT
+    rotmats : ndarray, shape (n, 3, 3) or (3, 3)
+    m : int
+        Even cropped box, ``m <= N``.
+    max_radius : float, optional
+        In Fourier pixels of the ``N``-image (= of the cropped grid); default ``m//2``.
+    method, out
+        As in :func:`extract_slices` (``out`` of shape (n, m, m//2+1)).
+
+    Returns
+    -------
+    ndarray, complex64, shape (n, m, m//2+1)
+    """
+    r = _as_rotations(rotmats)
+    m = int(m)
+    if m % 2 or m > vft.n:
+        raise ValueError(f"cropped box must be even and at most {vft.n}, got {m}")
+    rmax = m // 2 if max_radius is None else float(max_radius)
+    code = method_code(vft.method if method is None else method)
+    if out is None:
+        out = np.empty((r.shape[0], m, m // 2 + 1), dtype=np.complex64)
+    # the scale stays P/N (frequencies of the N-image); only the grid walked shrinks to m
+    _extract(vft.data, vft.size, r, vft.size / vft.n, m, rmax * rmax, code, out)
     return out
 
 

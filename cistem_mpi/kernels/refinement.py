@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from cistem_mpi.kernels import alignment as al
-from cistem_mpi.kernels.ctf import ctf_2d_stack
+from cistem_mpi.kernels.ctf import ctf_2d, ctf_2d_stack
 from cistem_mpi.kernels.euler import angular_distance, rotation_matrix
 from cistem_mpi.kernels.fft import ft2, ift2
-from cistem_mpi.kernels.projection import VolumeFT, extract_slices
+from cistem_mpi.kernels.projection import VolumeFT, extract_slices_cropped
 from cistem_mpi.kernels.shifts import phase_shift
 
 __all__ = ["AlignSettings", "ParticleResult", "align_particle", "occupancies", "defocus_offsets"]
@@ -107,9 +107,8 @@ def align_particle(
     img = al.prepare_particle(image, settings.mask_radius)
     f = ft2(img)
     df1, df2 = float(row["df1"]), float(row["df2"])
-    ctf = ctf_2d_stack(n, pixel_size, voltage, cs, ac, np.array([df1]), np.array([df2]),
-                       np.array([row["angast"]]), np.array([row["pshift"]]))[0]
-    x_c, c_c = al.crop_ft(f, band.m), al.crop_ft(ctf, band.m)
+    angast, pshift = float(row["angast"]), float(row["pshift"])
+    x_c, c_c = al.crop_ft(f, band.m), _cropped_ctf(n, band.m, pixel_size, optics, df1, df2, angast, pshift)
     starts = [al.Alignment(float(r["phi"]), float(r["theta"]), float(r["psi"]),
                            float(r["shx"]) / pixel_size, float(r["shy"]) / pixel_size, 0.0)
               for r in (class_rows or [row] * len(references))]
@@ -118,7 +117,8 @@ def align_particle(
         if settings.global_search:
             sb = search_band or band
             assert grid is not None
-            cands = al.global_search(al.crop_ft(f, sb.m), al.crop_ft(ctf, sb.m), vft, sb, grid,
+            cands = al.global_search(al.crop_ft(f, sb.m), _cropped_ctf(n, sb.m, pixel_size, optics, df1, df2, angast,
+                                                                       pshift), vft, sb, grid,
                                      settings.max_shift, keep=settings.global_keep)
             best = max((al.local_refine(x_c, c_c, vft, band, c, angle_step=settings.angle_step,
                                         max_shift=settings.max_shift) for c in cands), key=lambda a: a.cc)
@@ -133,14 +133,14 @@ def align_particle(
         offset = _refine_defocus(x_c, references[k_best], results[k_best], band, n, pixel_size, optics, row,
                                  defocus_offsets(settings))
         if offset:
-            ctf = ctf_2d_stack(n, pixel_size, voltage, cs, ac, np.array([df1 + offset]), np.array([df2 + offset]),
-                               np.array([row["angast"]]), np.array([row["pshift"]]))[0]
-            c_c = al.crop_ft(ctf, band.m)
+            df1, df2 = df1 + offset, df2 + offset
+            c_c = _cropped_ctf(n, band.m, pixel_size, optics, df1, df2, angast, pshift)
             results = [_rescore(x_c, c_c, vft, band, a) for vft, a in zip(references, results)]
     dof = float(band.mult.sum())
     cc = np.array([a.cc for a in results])
     if settings.focus_centre is not None and settings.focus_radius > 0:
         fcc = []
+        ctf = ctf_2d(n, pixel_size, voltage, cs, ac, df1, df2, angast, pshift)  # the focus score needs the full grid
         for vft, a in zip(references, results):
             centred = ift2(phase_shift(f, -a.shx, -a.shy), n)
             fcc.append(al.focused_cc(centred, vft, ctf, a, np.asarray(settings.focus_centre), settings.focus_radius,
@@ -153,6 +153,18 @@ def align_particle(
     return ParticleResult(alignments=results, logp=logp, scores=100.0 * cc, defocus_offset=offset)
 
 
+def _cropped_ctf(n: int, m: int, pixel_size: float, optics: tuple[float, float, float], df1: float, df2: float,
+                 angast: float, pshift: float) -> np.ndarray:
+    """The particle's CTF on the cropped m-grid only: ``crop_ft(ctf of the n-image, m)``.
+
+    The m-grid's frequency k means k / (n * pixel_size) 1/Å, which is an m-image
+    at pixel size ``pixel_size * n / m``; so the CTF is evaluated at (m/n)^2 of
+    the points instead of all of them and then mostly discarded.
+    """
+    voltage, cs, ac = optics
+    return ctf_2d(m, pixel_size * n / m, voltage, cs, ac, df1, df2, angast, pshift)
+
+
 def _rescore(x_c: np.ndarray, c_c: np.ndarray, vft: VolumeFT, band: al.Band, a: al.Alignment) -> al.Alignment:
     return al.local_refine(x_c, c_c, vft, band, a, angles_fixed=True, shifts_fixed=True)
 
@@ -161,12 +173,13 @@ def _refine_defocus(x_c, vft, a, band, n, pixel_size, optics, row, offsets) -> f
     """Best common defocus offset (Å) for one particle at its alignment (parabolic peak)."""
     voltage, cs, ac = optics
     rot = rotation_matrix(a.phi, a.theta, a.psi).reshape(1, 3, 3)
-    proj = al.crop_ft(extract_slices(vft, rot, max_radius=band.m // 2)[0], band.m)
+    proj = extract_slices_cropped(vft, rot, band.m, max_radius=band.m // 2)[0]
     proj = phase_shift(proj, a.shx * band.m / n, a.shy * band.m / n)
     k = len(offsets)
-    ctfs = ctf_2d_stack(n, pixel_size, voltage, cs, ac, row["df1"] + offsets, row["df2"] + offsets,
+    # on the cropped grid directly (see _cropped_ctf)
+    ctfs = ctf_2d_stack(band.m, pixel_size * n / band.m, voltage, cs, ac, row["df1"] + offsets, row["df2"] + offsets,
                         np.full(k, row["angast"]), np.full(k, row["pshift"]))
-    scores = al.cc(x_c, al.crop_ft(ctfs, band.m) * proj[None], band)
+    scores = al.cc(x_c, ctfs * proj[None], band)
     j = int(np.argmax(scores))
     if not 0 < j < k - 1:
         # no maximum inside the searched range: the score does not pin the defocus down
