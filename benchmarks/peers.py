@@ -12,6 +12,10 @@ cisTEM programs ask their questions on stdin, one answer per line;
 (user + system, ``resource.getrusage(RUSAGE_CHILDREN)`` before/after) and
 peak memory (the child's ``VmHWM`` polled from ``/proc`` every 10 ms: the
 children's ``ru_maxrss`` would include this Python process, copied at fork).
+:func:`run_command` measures any other command the same way (RELION's
+programs, our own CLI); :func:`find_relion` finds RELION's programs under
+``RELION_BIN`` (the ``bin`` directory of a RELION build), like
+:func:`find_peer` for ``CISTEM_BIN``.
 
 >>> find_peer("no-such-program") is None or True
 True
@@ -32,7 +36,13 @@ from pathlib import Path
 
 @dataclass
 class PeerRun:
-    """One peer run: its output, return code, CPU seconds, wall seconds, peak memory (MB)."""
+    """One peer run: its output, return code, CPU seconds, wall seconds, peak memory (MB).
+
+    ``peak_mb`` is the resident high-water mark (``VmHWM``), which counts the
+    pages of memory-mapped files too; ``peak_anon_mb`` the largest anonymous
+    resident memory (``RssAnon``) seen by the 10 ms polling, i.e. without
+    file-backed pages (0 when not measured).
+    """
 
     program: str
     returncode: int
@@ -41,6 +51,7 @@ class PeerRun:
     wall_s: float
     peak_mb: float
     workdir: Path
+    peak_anon_mb: float = 0.0
 
 
 def peer_dir() -> Path | None:
@@ -119,41 +130,114 @@ def run_peer(program: str, answers: list, workdir: Path | None = None, timeout: 
     if exe is None:
         raise FileNotFoundError(peer_status(program))
     wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"peer_{program}_"))
-    wd.mkdir(parents=True, exist_ok=True)
     stdin = "".join(f"{a}\n" for a in answers)
+    return run_command([str(exe)], wd, stdin=stdin, timeout=timeout, label=program)
+
+
+def run_command(argv: list, workdir: Path | None = None, stdin: str | None = None, timeout: float = 900.0,
+                label: str | None = None) -> PeerRun:
+    """Run any command and measure it as :func:`run_peer` does (CPU time and ``VmHWM``).
+
+    Parameters
+    ----------
+    argv : list
+        The command and its arguments (converted with ``str``).
+    workdir : Path, optional
+        Working directory; a new temporary directory when omitted.
+    stdin : str, optional
+        Text fed to the command's standard input (closed afterwards).
+    timeout : float
+        Seconds before the run is killed.
+    label : str, optional
+        Name of the run (and of its log ``<label>.log`` in ``workdir``);
+        default the executable's name.
+
+    Returns
+    -------
+    PeerRun
+        As :func:`run_peer`; ``output`` is stdout and stderr together.
+
+    >>> r = run_command(["true"])
+    >>> r.returncode, r.cpu_s >= 0.0
+    (0, True)
+    """
+    argv = [str(a) for a in argv]
+    label = label or Path(argv[0]).name
+    wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"peer_{label}_"))
+    wd.mkdir(parents=True, exist_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    log = wd / f"{program}.log"
-    peak_kb = 0
+    log = wd / f"{label}.log"
+    peak_kb = anon_kb = 0
     with open(log, "w+b") as out:
-        proc = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=wd)
-        proc.stdin.write(stdin.encode())
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=wd)
+        if stdin:
+            proc.stdin.write(stdin.encode())
         proc.stdin.close()
         # ru_maxrss of children counts the memory of this (forked) Python process before exec, so the
-        # peer's own high-water mark is read from /proc while it runs (Linux; else ru_maxrss)
+        # peer's own high-water mark is read from /proc while it runs (Linux; else ru_maxrss); RssAnon
+        # too, since VmHWM also counts the pages of a memory-mapped stack (reclaimable, not allocated)
         while proc.poll() is None:
-            peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
+            hwm, anon = _status_kb(proc.pid, ("VmHWM:", "RssAnon:"))
+            peak_kb, anon_kb = max(peak_kb, hwm), max(anon_kb, anon)
             if time.perf_counter() - t0 > timeout:
                 proc.kill()
                 proc.wait()
-                raise TimeoutError(f"{program} ran longer than {timeout:g} s")
+                raise TimeoutError(f"{label} ran longer than {timeout:g} s")
             time.sleep(0.01)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     peak_mb = peak_kb / 1024.0 if peak_kb else after.ru_maxrss / 1024.0
-    return PeerRun(program, proc.returncode, log.read_text(errors="replace"), cpu, wall, peak_mb, wd)
+    return PeerRun(label, proc.returncode, log.read_text(errors="replace"), cpu, wall, peak_mb, wd, anon_kb / 1024.0)
+
+
+# ---------------------------------------------------------------- RELION
+
+
+def find_relion(program: str) -> Path | None:
+    """Path of RELION's ``program`` (e.g. ``"relion_reconstruct"``) under ``RELION_BIN``, or ``None``.
+
+    RELION is not part of this repository either: point ``RELION_BIN`` at the
+    ``bin`` directory of a RELION build.
+
+    >>> find_relion("definitely-not-a-relion-program") is None
+    True
+    """
+    d = os.environ.get("RELION_BIN", "").strip()
+    if not d:
+        return None
+    exe = Path(d).expanduser() / program
+    return exe if exe.is_file() and os.access(exe, os.X_OK) else None
+
+
+def relion_status(program: str) -> str:
+    """One line saying where RELION's ``program`` is, or why there is none."""
+    d = os.environ.get("RELION_BIN", "").strip()
+    if not d:
+        return f"RELION {program}: not available (set RELION_BIN to the bin directory of a RELION build)"
+    exe = find_relion(program)
+    if exe is None:
+        return f"RELION {program}: not available ({program} not found in RELION_BIN={d})"
+    return f"RELION {program}: {exe}"
 
 
 def _vm_hwm_kb(pid: int) -> int:
+    return _status_kb(pid, ("VmHWM:",))[0]
+
+
+def _status_kb(pid: int, keys: tuple[str, ...]) -> tuple[int, ...]:
+    """Values (kB) of ``keys`` in ``/proc/<pid>/status``; 0 for those missing."""
+    found = dict.fromkeys(keys, 0)
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
+                k = line.split(":", 1)[0] + ":"
+                if k in found:
+                    found[k] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return tuple(found[k] for k in keys)
 
 
 # ---------------------------------------------------------------- ctffind
