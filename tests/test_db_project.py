@@ -108,7 +108,10 @@ def test_move_project_with_database_elsewhere(tmp_path):
     nfs.mkdir()
     root = tmp_path / "a" / "proj"
     Project.create(root, database=nfs).close()
-    _register_two_assets(root, tmp_path / "a" / "proj" / "Assets" / "Volumes" / "volume_1_1.mrc")
+    outside = tmp_path / "data" / "map.mrc"  # one volume per path: the database refuses a second row for a file
+    outside.parent.mkdir()
+    outside.write_bytes(b"y")
+    _register_two_assets(root, outside)
     moved = tmp_path / "proj2"
     shutil.move(str(root), str(moved))
     with Project.open(moved) as p:

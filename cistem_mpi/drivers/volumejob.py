@@ -138,7 +138,7 @@ def reconstruct_particles(
     worker = _Inserter(plan, settings, (d1, w1, d2, w2))
     # static hand-out: each rank inserts the same particles in the same order in every run, so the
     # per-rank float32 sums, and their reduction over ranks, are bit-identical run to run
-    map_chunks(world, len(params), worker, chunk_size=settings.chunk_size, min_chunk=8, max_chunk=256,
+    map_chunks(world, len(params), worker, chunk_size=settings.chunk_size, min_chunk=8, max_chunk=64,
                progress=progress, keep=False, static=True)
     worker.close()
     # Sum over ranks; each rank keeps its z-slab of the sum (memory: accumulators + one slab).

@@ -34,8 +34,10 @@ def shift_phases(ny: int, dx: np.ndarray | float, dy: np.ndarray | float, nx: in
     fy, fx = fourier_grid_2d(ny, nx, half=half)
     dx = np.asarray(dx, dtype=np.float64)
     dy = np.asarray(dy, dtype=np.float64)
-    ph = -2.0 * np.pi * (fx.astype(np.float64) * dx[..., None, None] + fy.astype(np.float64) * dy[..., None, None])
-    return np.exp(1j * ph).astype(np.complex64)
+    # separable: exp(a + b) = exp(a) exp(b), so n (ny + nx) complex exponentials instead of n ny nx
+    ex = np.exp(-2j * np.pi * fx.astype(np.float64)[0] * dx[..., None])  # (..., nx')
+    ey = np.exp(-2j * np.pi * fy.astype(np.float64)[:, 0] * dy[..., None])  # (..., ny)
+    return (ey[..., :, None] * ex[..., None, :]).astype(np.complex64)
 
 
 def phase_shift(f: np.ndarray, dx: np.ndarray | float, dy: np.ndarray | float,
