@@ -307,27 +307,7 @@ def _insert_general(data, weight, z0, z1, p, fts, ctf, has_ctf, imgw, rot, scale
                       y = -y
                       z = -z
                       vi = -vi
-                  bx = tap_weights(method, x, wx)
-                  by = tap_weights(method, y, wy)
-                  bz = tap_weights(method, z, wz)
-                  for cz in range(nt):
-                      for b in range(nt):
-                          wzy = wz[cz] * wy[b]
-                          if wzy == 0.0:
-                              continue
-                          for a in range(nt):
-                              w = wzy * wx[a]
-                              if w == 0.0:
-                                  continue
-                              zs, ys, xs, cj = locate(bx + a, by + b, bz + cz, p, half)
-                              tr = w * vr
-                              ti = -w * vi if cj else w * vi
-                              _add(data, weight, z0, z1, zs, ys, xs, tr, ti, w * cw)
-                              if mode == 1 and (xs == 0 or (even_p and xs == half)):
-                                  # both k and -k are stored on this plane: the Friedel
-                                  # partner of the image adds the conjugate at -k
-                                  _add(data, weight, z0, z1, (p - zs) % p, (p - ys) % p, xs,
-                                       tr, -ti, w * cw)
+                  _spread(data, weight, z0, z1, p, half, even_p, method, mode, nt, wx, wy, wz, x, y, z, vr, vi, cw)
 
 
 @intrinsic
@@ -357,9 +337,10 @@ def _prefetch(typingctx, arr, idx):
 
 @njit(cache=True)  # not inlined: the rare cases stay out of the hot loop's code
 def _spread(data, weight, z0, z1, p, half, even_p, method, mode, nt, wx, wy, wz, x, y, z, vr, vi, cw):
-    """Add one image pixel at (x, y, z), x >= 0, tap by tap: the general case of :func:`_insert_linear`.
+    """Add one image pixel at (x, y, z), x >= 0, tap by tap: any kernel, any mode.
 
-    The tap loop of :func:`_insert_general`, verbatim (same operations in the same order).
+    The tap loop of :func:`_insert_general` and the general case of :func:`_insert_linear` (so both
+    do the same operations in the same order).
     """
     bx = tap_weights(method, x, wx)
     by = tap_weights(method, y, wy)
@@ -378,6 +359,8 @@ def _spread(data, weight, z0, z1, p, half, even_p, method, mode, nt, wx, wy, wz,
                 ti = -w * vi if cj else w * vi
                 _add(data, weight, z0, z1, zs, ys, xs, tr, ti, w * cw)
                 if mode == 1 and (xs == 0 or (even_p and xs == half)):
+                    # both k and -k are stored on this plane: the Friedel partner of the image adds the
+                    # conjugate at -k
                     _add(data, weight, z0, z1, (p - zs) % p, (p - ys) % p, xs, tr, -ti, w * cw)
 
 
