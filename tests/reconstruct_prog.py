@@ -3,8 +3,8 @@
     mpiexec -n N python tests/reconstruct_prog.py STACK PARAMS.star OUT.npz SYMMETRY PADDING
 
 The accumulation mode comes from ``CISTEM_MPI_NODE_MEMORY``; rank 0 writes
-the maps, the FSC, the mode used and its peak memory (VmHWM) to OUT.npz,
-and every rank its own peak memory and proportional set size.
+the maps, the FSC and the mode used to OUT.npz.  (benchmarks/bench_node_memory.py
+runs it too, and measures the ranks' memory from outside.)
 """
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ from cistem_mpi.io.mrc import read_mrc_header
 from cistem_mpi.io.parameter_files import read_particle_params
 
 
-def _status(key: str) -> float:
-    """A field of /proc/self/status in MB (VmHWM: peak resident memory)."""
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def main() -> None:
     stack, params, out, symmetry, padding = sys.argv[1:6]
     world = get_world()
@@ -38,11 +30,9 @@ def main() -> None:
             particles = read_particle_params(Path(params), None, n)
         r = reconstruct_particles(world, stack, particles,
                                   ReconstructionSettings(symmetry=symmetry, padding=float(padding), bfactor=0.0))
-        peaks = world.gather(_status("VmHWM"))
         if world.is_controller:
             assert r is not None
-            np.savez(out, volume=r.volume, half1=r.half1, half2=r.half2, fsc=r.fsc, mode=r.extra["accumulation"],
-                     peaks=np.array(peaks))
+            np.savez(out, volume=r.volume, half1=r.half1, half2=r.half2, fsc=r.fsc, mode=r.extra["accumulation"])
 
 
 if __name__ == "__main__":

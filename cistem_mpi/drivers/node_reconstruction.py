@@ -1,7 +1,7 @@
 """Reconstruction with one set of accumulators per node (MPI-3 shared memory), not one per rank.
 
 The accumulation step of :func:`cistem_mpi.drivers.volumejob.reconstruct_particles`
-in its ``"shared"`` mode (:func:`~cistem_mpi.drivers.runtime.shared.accumulation_mode`).
+in its ``"shared"`` mode (:func:`~cistem_mpi.drivers.runtime.shared.memory_mode`).
 
 Layout on a node of R ranks, in lock step, one batch of B particles per rank at a time:
 

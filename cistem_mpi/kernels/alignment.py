@@ -38,13 +38,14 @@ from numba import njit
 
 from cistem_mpi.kernels import fft as _fft
 from cistem_mpi.kernels.euler import rotation_matrix
-from cistem_mpi.kernels.interpolation import locate, method_code, n_taps, tap_weights
+from cistem_mpi.kernels.interpolation import method_code, n_taps
 from cistem_mpi.kernels.masks import circle_mask
 from cistem_mpi.kernels.projection import (
     VolumeFT,
     compact_ft,
     extract_slices,
     extract_slices_cropped,
+    interpolate_at,
 )
 
 __all__ = [
@@ -289,39 +290,6 @@ def _volume_for(vft: VolumeFT, band: Band, kx: np.ndarray, ky: np.ndarray):
     return c[0], True, c[1], c[2], vft.size
 
 
-@njit(cache=True, inline="always")
-def _tap(vf, compact, r, lo, p, half, x, y, z):
-    # one stored value of the padded transform at integer frequency (x, y, z)
-    if compact:
-        return vf[z + r, y + r, x + lo]
-    zs, ys, xs, cj = locate(x, y, z, p, half)
-    v = vf[zs, ys, xs]
-    return np.conj(v) if cj else v
-
-
-@njit(cache=True, inline="always")
-def _interpolate(vf, compact, cr, clo, p, half, nt, method, x, y, z, wx, wy, wz):
-    # the generic path of projection._extract: any kernel, the transform itself or the block
-    bx = tap_weights(method, x, wx)
-    by = tap_weights(method, y, wy)
-    bz = tap_weights(method, z, wz)
-    acc_r = 0.0
-    acc_i = 0.0
-    for c in range(nt):
-        for b in range(nt):
-            wzy = wz[c] * wy[b]
-            if wzy == 0.0:
-                continue
-            for a in range(nt):
-                w = wzy * wx[a]
-                if w == 0.0:
-                    continue
-                v = _tap(vf, compact, cr, clo, p, half, bx + a, by + b, bz + c)
-                acc_r += w * v.real
-                acc_i += w * v.imag
-    return acc_r, acc_i
-
-
 def _band_terms(x_c: np.ndarray, ctf_c: np.ndarray, band: Band):
     """Per-frequency constants of the score, on the band's points only.
 
@@ -405,7 +373,7 @@ def _band_cc(vf, compact, cr, clo, p, method, scale, n, ix, ky, iy, m, y_re, y_i
             acc_r = v.real
             acc_i = -v.imag if flip else v.imag
         else:
-            acc_r, acc_i = _interpolate(vf, compact, cr, clo, p, half, nt, method, x, y, z, wx, wy, wz)
+            acc_r, acc_i = interpolate_at(vf, compact, cr, clo, p, half, nt, method, x, y, z, wx, wy, wz)
             if flip:
                 acc_i = -acc_i
         # projection value as stored by extract_slices (complex64), so both paths score the same numbers

@@ -35,7 +35,7 @@ from cistem_mpi.kernels.interpolation import (
 )
 
 __all__ = ["VolumeFT", "prepare_volume_ft", "padded_size", "extract_slices", "extract_slices_cropped",
-           "project", "extract_slices_numpy"]
+           "project", "extract_slices_numpy", "interpolate_at"]
 
 
 def padded_size(n: int, pad: float) -> int:
@@ -106,6 +106,50 @@ def prepare_volume_ft(volume: np.ndarray, pad: float = 2.0, method: str = "linea
     return VolumeFT(data=np.ascontiguousarray(f), n=n, size=p, method=method)
 
 
+@njit(cache=True, inline="always")
+def _tap(vf, compact, r, lo, p, half, x, y, z):
+    # one stored value of the padded transform at integer frequency (x, y, z)
+    if compact:
+        return vf[z + r, y + r, x + lo]
+    zs, ys, xs, cj = locate(x, y, z, p, half)
+    v = vf[zs, ys, xs]
+    return np.conj(v) if cj else v
+
+
+@njit(cache=True, inline="always")
+def interpolate_at(vf, compact, cr, clo, p, half, nt, method, x, y, z, wx, wy, wz):
+    """Interpolated value ``(re, im)`` of a padded half-layout transform at (x, y, z), x >= 0 (numba).
+
+    Any kernel (``method`` code, ``nt`` taps; ``wx``/``wy``/``wz`` are scratch
+    arrays of 4), read from the transform ``vf`` itself (``compact`` False) or
+    from its :func:`compact_ft` block ``(vf, cr, clo)``.  Slice extraction and
+    the alignment's fused score both read through it.
+
+    >>> from cistem_mpi.kernels.interpolation import method_code
+    >>> vf = np.ones((8, 8, 5), np.complex64); w = np.zeros(4)
+    >>> interpolate_at(vf, False, 0, 0, 8, 4, 2, method_code("linear"), 1.5, 0.25, -0.5, w, w.copy(), w.copy())
+    (1.0, 0.0)
+    """
+    bx = tap_weights(method, x, wx)
+    by = tap_weights(method, y, wy)
+    bz = tap_weights(method, z, wz)
+    acc_r = 0.0
+    acc_i = 0.0
+    for c in range(nt):
+        for b in range(nt):
+            wzy = wz[c] * wy[b]
+            if wzy == 0.0:
+                continue
+            for a in range(nt):
+                w = wzy * wx[a]
+                if w == 0.0:
+                    continue
+                v = _tap(vf, compact, cr, clo, p, half, bx + a, by + b, bz + c)
+                acc_r += w * v.real
+                acc_i += w * v.imag
+    return acc_r, acc_i
+
+
 @njit(cache=True)
 def _extract(vf, p, rot, scale, nimg, rmax2, method, out):
     half = p // 2
@@ -136,27 +180,7 @@ def _extract(vf, p, rot, scale, nimg, rmax2, method, out):
                     y = -y
                     z = -z
                     flip = True
-                bx = tap_weights(method, x, wx)
-                by = tap_weights(method, y, wy)
-                bz = tap_weights(method, z, wz)
-                acc_r = 0.0
-                acc_i = 0.0
-                for c in range(nt):
-                    for b in range(nt):
-                        wzy = wz[c] * wy[b]
-                        if wzy == 0.0:
-                            continue
-                        for a in range(nt):
-                            w = wzy * wx[a]
-                            if w == 0.0:
-                                continue
-                            zs, ys, xs, cj = locate(bx + a, by + b, bz + c, p, half)
-                            v = vf[zs, ys, xs]
-                            acc_r += w * v.real
-                            if cj:
-                                acc_i -= w * v.imag
-                            else:
-                                acc_i += w * v.imag
+                acc_r, acc_i = interpolate_at(vf, False, 0, 0, p, half, nt, method, x, y, z, wx, wy, wz)
                 if flip:
                     acc_i = -acc_i
                 out[i, iy, ix] = complex(acc_r, acc_i)
