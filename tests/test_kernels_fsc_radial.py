@@ -102,3 +102,26 @@ def test_power_spectra_of_white_noise_and_a_grating():
     p = power_spectrum(grating.astype(np.float32))
     iy, ix = np.unravel_index(np.argmax(p), p.shape)
     assert iy == 32 and abs(ix - 32) == 10
+
+
+def test_one_pass_shell_sums_equal_the_index_and_bincount_reference():
+    """shell_sum's numba pass and half_fsc_sums against shell_index + bincount, 2D and 3D, even and odd."""
+    from cistem_mpi.kernels import radial
+
+    rng = np.random.default_rng(11)
+    for shape in [(16, 9), (17, 9), (16, 16, 9), (15, 15, 8)]:
+        n = shape[0]
+        s = radial.shell_index((n,) * len(shape))
+        w = radial.half_multiplicity((n,) * len(shape))
+        ok = s >= 0
+
+        def ref(v):
+            return np.bincount(s[ok], weights=(v * w)[ok], minlength=n // 2 + 1)[: n // 2 + 1]
+
+        v = rng.normal(size=shape)
+        assert np.allclose(radial.shell_sum(v), ref(v), rtol=1e-12, atol=1e-12)
+        a = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+        b = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+        num, d1, d2 = radial.half_fsc_sums(a, b)
+        assert np.allclose(num, ref(np.real(a * np.conj(b))), rtol=1e-12, atol=1e-12)
+        assert np.allclose(d1, ref(np.abs(a) ** 2)) and np.allclose(d2, ref(np.abs(b) ** 2))

@@ -97,3 +97,61 @@ def test_finish_maps_half_maps_fsc_and_sharpening():
     assert m2.unmasked is None
     np.testing.assert_array_equal(m2.fsc, m.fsc)
     np.testing.assert_array_equal(m2.fsc_unmasked, fsc_maps(h1, bp.ft_to_volume(g2, 12, grid_correct=False))[1])
+
+
+def _prepared_the_obvious_way(images, params, ps, optics, whitening):
+    """prepare_slices step by step in real space: whiten, normalise, centre, shift, CTF per image."""
+    from cistem_mpi.kernels import whitening as wh
+    from cistem_mpi.kernels.shifts import phase_shift
+
+    n = images.shape[-1]
+    fts, ctfs = [], []
+    for i, p in enumerate(params):
+        x = images[i].astype(np.float64)
+        if whitening is None:
+            x = (x - x.mean()) / x.std()
+            inv_sigma = 1.0
+        else:
+            x = np.fft.irfft2(np.fft.rfft2(x - x.mean()) * whitening, s=(n, n))  # whitened, in place
+            ring = wh.radius_2d(n) > wh.background_radius(ps, n)
+            x = (x - x[ring].mean()) / x[ring].std()
+            inv_sigma = whitening / np.fft.irfft2(np.fft.rfft2(images[i] - images[i].mean()) * whitening,
+                                                  s=(n, n))[ring].std()
+        f = phase_shift(ft2(x.astype(np.float32))[None], -p["shx"] / ps, -p["shy"] / ps, nx=n)[0]
+        fts.append(f)
+        ctfs.append(ctf_2d(n, ps, *optics, p["df1"], p["df2"], p["angast"], p["pshift"]) * inv_sigma)
+    return np.array(fts), np.array(ctfs)
+
+
+def test_prepare_slices_equals_the_obvious_per_image_steps():
+    """The fused preparation (one forward FFT, centring folded into the shift phases, the background
+    normalisation applied to the transform, numba CTF) gives the step-by-step values, whitened or not, for
+    even and odd boxes."""
+    from cistem_mpi.kernels.whitening import whitening_filter
+
+    rng = np.random.default_rng(7)
+    optics = (300.0, 2.7, 0.07)
+    for n, white in ((32, False), (32, True), (27, True)):
+        k, ps = 5, 1.7
+        images = (rng.normal(size=(k, n, n)) * rng.uniform(0.5, 3, (k, 1, 1)) + 4.0).astype(np.float32)
+        p = empty_params(k)
+        p["df1"] = rng.uniform(8e3, 2.5e4, k)
+        p["df2"] = p["df1"] - rng.uniform(0, 900, k)
+        p["angast"] = rng.uniform(-90, 90, k)
+        p["shx"], p["shy"] = rng.normal(0, 4, k), rng.normal(0, 4, k)
+        filt = whitening_filter(np.linspace(3.0, 0.2, n), n) if white else None
+        got = r3.prepare_slices(images, p, np.ones(k, int), ps, optics, whitening=filt)
+        ref_f, ref_c = _prepared_the_obvious_way(images, p, ps, optics, filt)
+        scale = np.abs(ref_f).max()
+        assert np.abs(got.fts - ref_f).max() < 2e-5 * scale, (n, white)
+        assert np.abs(got.ctf - ref_c).max() < 2e-5 * np.abs(ref_c).max(), (n, white)
+
+
+def test_phase_shift_of_an_odd_box_moves_the_image():
+    """A whole-pixel phase shift of a 27-pixel image is a roll (the width alone would say 26 pixels)."""
+    from cistem_mpi.kernels.fft import ift2
+    from cistem_mpi.kernels.shifts import phase_shift
+
+    x = np.random.default_rng(1).normal(size=(27, 27)).astype(np.float32)
+    moved = ift2(phase_shift(ft2(x), 3.0, -2.0))
+    assert np.allclose(moved, np.roll(x, (-2, 3), axis=(0, 1)), atol=1e-5)

@@ -355,39 +355,22 @@ def rotated_particles(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
     return _fft.ft2(out).astype(np.complex64)
 
 
-@njit(cache=True)
-def _ctf_rotated(g2, az, lam, cs_a, w, df1, df2, ang, pshift, angles, out):
-    for j in range(angles.shape[0]):
-        a = ang + angles[j]
-        for y in range(g2.shape[0]):
-            for x in range(g2.shape[1]):
-                d = 0.5 * (df1 + df2 + np.cos(2.0 * (az[y, x] - a)) * (df1 - df2))
-                q = g2[y, x]
-                out[j, y, x] = -np.sin(np.pi * lam * q * (d - 0.5 * lam * lam * q * cs_a) + pshift + w)
-
-
 def rotated_ctfs(m: int, binned_pixel: float, optics: tuple[float, float, float], df1: float, df2: float,
                  angast: float, pshift: float, angles: np.ndarray) -> np.ndarray:
     """CTFs of the rotated particles (J, m, m//2+1): the astigmatism angle turns with the image.
 
-    Same values as :func:`cistem_mpi.kernels.ctf.ctf_2d_stack` with ``angast + angle`` (numba).
+    :func:`cistem_mpi.kernels.ctf.ctf_2d_stack` with ``angast + angle`` (amplitude contrast at least
+    0.001, as refine2d's CTF).
 
     >>> rotated_ctfs(16, 4.0, (300.0, 2.7, 0.07), 1e4, 9e3, 0.0, 0.0, np.array([0.0, 45.0])).shape
     (2, 16, 9)
     """
-    from cistem_mpi.kernels.ctf import amplitude_contrast_phase, electron_wavelength
+    from cistem_mpi.kernels.ctf import ctf_2d_stack
 
     voltage, cs, ac = optics
-    fy, fx = _freqs(m)
-    gy = np.broadcast_to(fy / (m * binned_pixel), (m, m // 2 + 1))
-    gx = np.broadcast_to(fx / (m * binned_pixel), (m, m // 2 + 1))
-    g2 = np.ascontiguousarray(gx * gx + gy * gy)
-    az = np.ascontiguousarray(np.arctan2(gy, gx))
-    out = np.empty((len(angles), m, m // 2 + 1), dtype=np.float32)
-    _ctf_rotated(g2, az, electron_wavelength(voltage), cs * 1.0e7, amplitude_contrast_phase(max(ac, 0.001)),
-                 float(df1), float(df2), float(np.deg2rad(angast)), float(pshift),
-                 np.deg2rad(np.asarray(angles, dtype=np.float64)), out)
-    return out
+    j = len(angles)
+    return ctf_2d_stack(m, binned_pixel, voltage, cs, max(ac, 0.001), np.full(j, float(df1)),
+                        np.full(j, float(df2)), float(angast) + np.asarray(angles, dtype=np.float64), float(pshift))
 
 
 # ------------------------------------------------------------------ ML weights

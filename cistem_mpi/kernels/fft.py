@@ -101,8 +101,27 @@ def _plan(kind: str, shape: tuple[int, ...], dtype: np.dtype, axes: tuple[int, .
     return fn
 
 
+#: A stack of 2D transforms at least this large per image runs one single-image plan per image: FFTW's
+#: estimated plan for the whole stack is up to 2x slower there (box 128: about 0.10 against 0.06 ms per
+#: image); the results are the same bits.
+_LOOP_MIN_PIXELS = 64 * 64
+
+
 def _make_plan(kind: str, shape: tuple[int, ...], dtype: np.dtype, axes: tuple[int, ...],
                out_len: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    if (_use_pyfftw and len(shape) == 3 and axes == (1, 2) and shape[0] > 1
+            and kind in ("rfftn", "irfftn") and shape[1] * shape[2] >= _LOOP_MIN_PIXELS):
+        one = _make_plan(kind, shape[1:], dtype, (0, 1), out_len)
+        first = one(np.zeros(shape[1:], dtype))
+        out_shape, out_dtype = (shape[0],) + first.shape, first.dtype
+
+        def run_each(a: np.ndarray, _one=one) -> np.ndarray:
+            out = np.empty(out_shape, out_dtype)
+            for i in range(out_shape[0]):
+                out[i] = _one(a[i])
+            return out
+
+        return run_each
     if _use_pyfftw:
         template = pyfftw.empty_aligned(shape, dtype=dtype)
         # avoid_copy=False: a call copies the caller's array into the plan's

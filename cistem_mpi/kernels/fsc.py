@@ -10,17 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 from cistem_mpi.kernels import fft as _fft
-from cistem_mpi.kernels.radial import shell_frequencies, shell_sum
+from cistem_mpi.kernels.radial import half_fsc_sums, shell_frequencies
 
 __all__ = ["fsc", "fsc_ft", "resolution_at", "part_fsc_to_ssnr"]
 
 
 def fsc_ft(f1: np.ndarray, f2: np.ndarray) -> np.ndarray:
     """FSC of two half-layout transforms (2D: FRC) of the same box; length N//2+1."""
-    n = f1.shape[0]
-    num = shell_sum(np.real(f1 * np.conj(f2)), n)
-    d1 = shell_sum(np.abs(f1) ** 2, n)
-    d2 = shell_sum(np.abs(f2) ** 2, n)
+    num, d1, d2 = half_fsc_sums(f1, f2)
     den = np.sqrt(d1 * d2)
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 

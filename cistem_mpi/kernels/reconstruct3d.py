@@ -19,12 +19,12 @@ from cistem_mpi.kernels import backprojection as bp
 from cistem_mpi.kernels import reconstruction as rec
 from cistem_mpi.kernels.ctf import ctf_2d_stack
 from cistem_mpi.kernels.euler import rotation_matrix
-from cistem_mpi.kernels.fft import ft2
+from cistem_mpi.kernels.fft import rfftn
 from cistem_mpi.kernels.fsc import fsc as fsc_maps
 from cistem_mpi.kernels.fsc import resolution_at
 from cistem_mpi.kernels.masks import sphere_mask
-from cistem_mpi.kernels.shifts import phase_shift
-from cistem_mpi.kernels.whitening import MASK_FALLOFF, background_radius, whiten_images
+from cistem_mpi.kernels.shifts import centred_shifted
+from cistem_mpi.kernels.whitening import MASK_FALLOFF, background_radius, whitened_transforms
 
 __all__ = ["WIENER_ITERATIONS", "ReconstructedMaps", "PreparedSlices", "prepare_slices", "insert_prepared",
            "insert_particles", "wiener_normalise", "finish_maps", "outer_mask"]
@@ -107,15 +107,21 @@ def prepare_slices(images: np.ndarray, params: np.ndarray, half: np.ndarray, pix
     """
     n = images.shape[-1]
     ps = float(pixel_size)
+    # The images are transformed once without centring; the centring, the particle shift and the
+    # normalisation factor are then one pass of phase factors (centred_shifted).  The value is
+    # phase_shift(ft2(normalised images), -shx/ps, -shy/ps), to float32 rounding (test_kernels_reconstruct3d.py).
     if whitening is not None:
         # the filter equalises the noise over frequency; the ring next to the edge then holds (almost) only
         # noise, so scaling by it gives every particle the same noise level whatever its signal or ice
-        imgs, noise_scale = whiten_images(images, whitening, background_radius(ps, n), return_scale=True)
+        f, noise_scale = whitened_transforms(images, whitening, background_radius(ps, n))
+        scale = None
     else:
-        imgs = images - images.mean(axis=(1, 2), keepdims=True)
-        sd = imgs.std(axis=(1, 2), keepdims=True)
-        imgs = imgs / np.where(sd > 0, sd, 1.0)
-    f = phase_shift(ft2(imgs.astype(np.float32)), -params["shx"] / ps, -params["shy"] / ps)
+        imgs = np.asarray(images, dtype=np.float32)
+        sd = imgs.std(axis=(1, 2), dtype=np.float64)
+        scale = 1.0 / np.where(sd > 0, sd, 1.0)
+        f = rfftn(imgs, axes=(-2, -1))
+        f[:, 0, 0] = 0.0  # zero mean
+    f = centred_shifted(f, -params["shx"] / ps, -params["shy"] / ps, scale=scale, nx=n)
     voltage, cs, ac = optics
     ctf = ctf_2d_stack(n, ps, voltage, cs, ac, params["df1"], params["df2"], params["angast"], params["pshift"])
     if score_b is not None and np.any(score_b != 0):

@@ -21,13 +21,14 @@ Radii are in pixels; curves are indexed by integer Fourier shell (shell
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from cistem_mpi.kernels.fft import ft2, ift2
+from cistem_mpi.kernels.fft import ft2, ift2, irfftn, rfftn
 from cistem_mpi.kernels.grids import radius_2d
 from cistem_mpi.kernels.masks import cosine_edge
 
 __all__ = ["MASK_FALLOFF", "MAX_SAMPLES", "noise_mask_radius", "background_radius", "noise_power_spectrum",
-           "whitening_filter", "background_normalise", "whiten_images", "sample_positions"]
+           "whitening_filter", "background_normalise", "whiten_images", "whitened_transforms", "sample_positions"]
 
 #: Å; cisTEM's ``mask_falloff``: the cosine edge of the outer mask and the margin of the background ring.
 MASK_FALLOFF = 10.0
@@ -136,11 +137,12 @@ def noise_power_spectrum(images: np.ndarray, mask_radius: float, edge: float) ->
     r = radius_2d(n)
     outside = r > mask_radius
     keep = 1.0 - cosine_edge(r, mask_radius, edge)  # 0 on the particle, 1 in the background
-    vals = imgs[:, outside]
-    var = vals.var(axis=1)
-    ok = var > 0
-    x = (imgs[ok] - vals[ok].mean(axis=1)[:, None, None]) / np.sqrt(var[ok])[:, None, None]
-    power = (np.abs(ft2((x * keep).astype(np.float32))) ** 2).sum(axis=0, dtype=np.float64)
+    ys, xs = np.nonzero(outside)
+    mean, sd = _ring_moments(imgs, ys.astype(np.int64), xs.astype(np.int64))
+    ok = sd > 0
+    x = (imgs[ok] - mean[ok, None, None].astype(np.float32)) * (keep[None] / sd[ok, None, None]).astype(np.float32)
+    # the power spectrum does not depend on where the origin is: a plain (uncentred) transform will do
+    power = _power_sum(rfftn(x, axes=(-2, -1)))
     shell = _shell_of_pixels(n)
     # rfft half grid: columns 1..N/2-1 stand for two pixels of the full transform
     mult = np.full(shell.shape, 2.0)
@@ -237,3 +239,82 @@ def whiten_images(images: np.ndarray, filt: np.ndarray, radius: float, return_sc
     imgs = np.asarray(images, dtype=np.float32)
     f = ft2(imgs - imgs.mean(axis=(-2, -1), keepdims=True)) * filt
     return background_normalise(ift2(f, nx=imgs.shape[-1]), radius, return_scale=return_scale)
+
+
+@njit(cache=True)
+def _power_sum(f):
+    """Sum over the stack of ``|f|^2`` per frequency (float64)."""
+    out = np.zeros(f.shape[1:])
+    for i in range(f.shape[0]):
+        for y in range(f.shape[1]):
+            for x in range(f.shape[2]):
+                v = f[i, y, x]
+                out[y, x] += v.real * v.real + v.imag * v.imag
+    return out
+
+
+@njit(cache=True)
+def _ring_moments(imgs, ys, xs):
+    """Mean and standard deviation of each image over the pixels (ys[j], xs[j]) (float64 sums)."""
+    n = imgs.shape[0]
+    mean = np.empty(n)
+    sd = np.empty(n)
+    m = ys.shape[0]
+    for i in range(n):
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(m):
+            v = np.float64(imgs[i, ys[j], xs[j]])
+            s1 += v
+            s2 += v * v
+        mu = s1 / m
+        mean[i] = mu
+        sd[i] = np.sqrt(max(s2 / m - mu * mu, 0.0))
+    return mean, sd
+
+
+def whitened_transforms(images: np.ndarray, filt: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Plain (uncentred) transforms of :func:`whiten_images`'s images, with two FFTs per image instead of three.
+
+    The background normalisation is linear: subtracting the ring mean m changes only the DC term
+    (by ``-m N^2``) and the scale multiplies everything, so the images are whitened in Fourier space,
+    brought back once to measure their ring, and the transform is corrected in place -- no third FFT.
+    The result is ``rfftn`` of the normalised images as stored (not centred): pass it to
+    :func:`~cistem_mpi.kernels.shifts.centred_shifted`, which centres and shifts in one pass.
+
+    Parameters
+    ----------
+    images : numpy.ndarray, shape (n, N, N)
+    filt : numpy.ndarray, shape (N, N//2+1) or (n, N, N//2+1)
+        :func:`whitening_filter`.
+    radius : float
+        :func:`background_radius` (px).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        complex64 (n, N, N//2+1) transforms, each already multiplied by its background factor, and the
+        factors (n,) float32 (0 for an image without background variance, whose transform is then 0).
+
+    Examples
+    --------
+    >>> from cistem_mpi.kernels.fft import ft2
+    >>> x = np.random.default_rng(0).normal(size=(3, 16, 16))
+    >>> filt = np.linspace(0.5, 2.0, 16 * 9).reshape(16, 9).astype(np.float32)
+    >>> f, scale = whitened_transforms(x, filt, 5.0)
+    >>> ref, ref_scale = whiten_images(x, filt, 5.0, return_scale=True)
+    >>> bool(np.allclose(np.fft.irfft2(f, s=(16, 16)), ref, atol=1e-5)), bool(np.allclose(scale, ref_scale))
+    (True, True)
+    """
+    imgs = np.asarray(images, dtype=np.float32)
+    n = imgs.shape[-1]
+    f = rfftn(imgs, axes=(-2, -1))
+    f[:, 0, 0] = 0.0  # the image mean removed first (whiten_images)
+    f *= filt
+    w = irfftn(f, n, axes=(-2, -1))
+    ys, xs = np.nonzero(radius_2d(n) > radius)
+    mean, sd = _ring_moments(w, ys.astype(np.int64), xs.astype(np.int64))
+    scale = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
+    f[:, 0, 0] -= (mean * n * n).astype(np.float32)  # rfftn of (w - mean)
+    f *= scale.astype(np.float32)[:, None, None]
+    return f, scale.astype(np.float32)
