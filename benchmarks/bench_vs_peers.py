@@ -1,7 +1,7 @@
 """Reconstruction against the peers (cisTEM reconstruct3d, RELION relion_reconstruct) on the same particles.
 
     CISTEM_BIN=/path/to/cisTEM/build/src [LD_LIBRARY_PATH=...] RELION_BIN=/path/to/relion/build/bin \\
-        .venv/bin/python benchmarks/bench_vs_peers.py [--n 4000] [--box 128] [--paddings 1 2]
+        .venv/bin/python benchmarks/bench_vs_peers.py [--n 4000] [--box 128] [--paddings 1 2] [--small 400]
 
 The particles come from ``cistem-mpi simulate particles --box B --pixel-size
 1.5 --snr 0.1 --seed 3 -n N`` (box 256: 0.75 Å/pixel, the same molecule at
@@ -24,6 +24,15 @@ time, its ``VmHWM`` peak memory and its largest anonymous memory ``RssAnon``:
 ours reads the stack through a memory map, whose pages ``VmHWM`` counts),
 whole processes: for ours that includes the interpreter, imports and numba's
 cache loading, printed separately.  Ratios are ours / the peer's.
+
+Per particle beyond the fixed costs (``--small K``, default 400): every
+program and padding also runs on the stack's first K particles, and
+``(N - K) / (CPU(N) - CPU(K))`` is its throughput without what does not grow
+with the particle count -- start-up, reading the inputs, the Wiener
+iterations and the volume-sized finishing.  That is the rate a large data set
+sees; the same measure for every program.  (Ours and cisTEM's noise spectrum
+samples up to 2,000 particles, K of them in the small run: the extra samples
+count against the per-particle rate.)
 Without ``CISTEM_BIN`` / ``RELION_BIN`` the peer is reported "not available"
 and ours is measured alone.
 
@@ -77,6 +86,14 @@ class Result:
     fsc: np.ndarray
     negated: bool = False  # True when the map anti-correlates with the truth (fsc is then of -map)
     startup: dict | None = None  # ours: CPU s and peak MB before the reconstruction starts
+    small: PeerRun | None = None  # the same program on the first ``small`` particles (fixed costs)
+    small_n: int = 0
+
+    def marginal(self, n: int) -> float:
+        """Particles per CPU second beyond the fixed costs: ``(n - small) / (CPU(n) - CPU(small))``."""
+        if self.small is None or self.run.cpu_s <= self.small.cpu_s:
+            return float("nan")
+        return (n - self.small_n) / (self.run.cpu_s - self.small.cpu_s)
 
 
 def simulate(out: Path, n: int, box: int) -> dict:
@@ -140,40 +157,61 @@ def run_ours(sim: dict, padding: float, wd: Path, limit: int = 0) -> tuple[PeerR
 
 
 # ---------------------------------------------------------------------- the peers
-def reconstruct3d_answers(sim: dict, wd: Path, padding: float) -> list:
+def reconstruct3d_answers(sim: dict, wd: Path, padding: float, limit: int = 0) -> list:
     """Answers to cisTEM's reconstruct3d (src/programs/reconstruct3d/reconstruct3d.cpp, question order).
 
     Molecular mass 1000 kDa (the default; it scales the particle SSNR of the
     Wiener filter), the outer mask radius ours gets as ``mask_radius``, no
     particle weighting (0 Å², as ours: score_weighting 0), no score adjustment, no contrast inversion (the stack is protein dark, cisTEM's
     convention), even/odd half sets, no likelihood blurring or dumps; the
-    last answer (threads) is only read by OpenMP builds.
+    last answer (threads) is only read by OpenMP builds.  ``limit``: the last particle (0: all).
     """
     files = [sim["stack"], sim["cistem_star"], wd / "none.mrc", wd / "cistem_half1.mrc", wd / "cistem_half2.mrc",
              wd / f"cistem_pad{padding:g}.mrc", wd / "cistem_statistics.txt"]
     # symmetry, first/last particle, pixel, mass, inner/outer mask, rec./ref. limits, weighting, threshold,
     # smoothing, padding; normalise, adjust scores, invert, blank edges, crop, even/odd, centre, blurring,
     # threshold input, dump; dump files; threads
-    return files + ["C1", 1, 0, sim["pixel_size"], 1000.0, 0.0, outer_mask_radius(sim), 0.0, 0.0, 0.0, 1.0, 1.0,
+    return files + ["C1", 1, limit, sim["pixel_size"], 1000.0, 0.0, outer_mask_radius(sim), 0.0, 0.0, 0.0, 1.0, 1.0,
                     padding, "yes", "no", "no", "no", "no", "yes", "no", "no", "no", "no",
                     wd / "dump1.dat", wd / "dump2.dat", 1]
 
 
-def run_cistem(sim: dict, padding: float, wd: Path) -> tuple[PeerRun, Path]:
-    """Run cisTEM's reconstruct3d on the simulator's cisTEM .star; (run, full map)."""
-    run = run_peer("reconstruct3d", reconstruct3d_answers(sim, wd, padding), wd, timeout=3600)
+def run_cistem(sim: dict, padding: float, wd: Path, limit: int = 0) -> tuple[PeerRun, Path]:
+    """Run cisTEM's reconstruct3d on the simulator's cisTEM .star (its first ``limit`` particles); (run, full map)."""
+    run = run_peer("reconstruct3d", reconstruct3d_answers(sim, wd, padding, limit), wd, timeout=3600)
     out = wd / f"cistem_pad{padding:g}.mrc"
     if run.returncode != 0 or not out.is_file():
         raise RuntimeError(f"reconstruct3d failed (rc {run.returncode}):\n{run.output[-3000:]}")
     return run, out
 
 
-def run_relion(sim: dict, padding: float, wd: Path) -> tuple[PeerRun, Path]:
+def first_particles_star(src: Path, dst: Path, limit: int) -> Path:
+    """A copy of a RELION .star whose particles block keeps only its first ``limit`` rows."""
+    out, block, in_loop, rows = [], "", False, 0
+    for line in src.read_text().splitlines():
+        t = line.strip()
+        if t.startswith("data_"):
+            block, in_loop = t, False
+        elif t.startswith("loop_"):
+            in_loop = True
+        elif in_loop and block == "data_particles" and t and not t.startswith("_") and not t.startswith("#"):
+            rows += 1
+            if rows > limit:
+                continue
+        out.append(line)
+    dst.write_text("\n".join(out) + "\n")
+    return dst
+
+
+def run_relion(sim: dict, padding: float, wd: Path, limit: int = 0) -> tuple[PeerRun, Path]:
     """Run relion_reconstruct with CTF correction on the simulator's RELION .star; (run, map)."""
     # relion_reconstruct resolves the .star's relative image names against its working directory:
     # run it in the simulator's directory, output into ours
     out = wd / f"relion_pad{padding:g}.mrc"
-    argv = [find_relion("relion_reconstruct"), "--i", sim["relion_star"], "--o", out, "--ctf", "--pad", padding,
+    star = sim["relion_star"]
+    if limit:
+        star = first_particles_star(star, Path(sim["dir"]) / f"first_{limit}_relion.star", limit)
+    argv = [find_relion("relion_reconstruct"), "--i", star, "--o", out, "--ctf", "--pad", padding,
             "--angpix", sim["pixel_size"]]
     run = run_command(argv, sim["dir"], label=f"relion_pad{padding:g}", timeout=3600)
     if run.returncode != 0 or not out.is_file():
@@ -213,8 +251,13 @@ def res_at(curve: np.ndarray, ps: float, threshold: float = 0.5) -> float:
 
 
 # ---------------------------------------------------------------------- driver
-def bench(sim: dict, paddings: list[float], wd: Path, repeats: int = 1) -> list[Result]:
-    """Run every available program at every padding (``repeats`` times, the least CPU kept) and score its map."""
+def bench(sim: dict, paddings: list[float], wd: Path, repeats: int = 1, small: int = 0) -> list[Result]:
+    """Run every available program at every padding (``repeats`` times, the least CPU kept) and score its map.
+
+    With ``small``, each program and padding also runs on the first ``small`` particles (as often, least CPU
+    kept, before the full runs so the full map is the one scored): the difference is its cost per particle
+    without the fixed costs (start-up, reading, the volume-sized finishing), the same measure for all.
+    """
     from cistem_mpi.io.mrc import read_mrc
     from cistem_mpi.kernels.masks import sphere_mask
 
@@ -241,14 +284,18 @@ def bench(sim: dict, paddings: list[float], wd: Path, repeats: int = 1) -> list[
                 # allocates from the absent input map), so there is no padded cisTEM reconstruction
                 print(f"  cisTEM padding {padding:g}: skipped (reconstruct3d has no reconstruction padding)")
                 continue
+            few = None
+            if small:
+                few = min((fn(sim, padding, wd, limit=small)[0] for _ in range(repeats)), key=lambda r: r.cpu_s)
             # the machine is shared: of several runs the one with the least CPU time is the least disturbed
             runs = [fn(sim, padding, wd) for _ in range(repeats)]
             out = min(runs, key=lambda o: o[0].cpu_s)
             run, path = out[0], out[1]
             curve, neg = fsc_vs_truth(path, truth, mask, ps)
-            results.append(Result(name, padding, run, curve, neg, out[2] if len(out) > 2 else None))
+            results.append(Result(name, padding, run, curve, neg, out[2] if len(out) > 2 else None, few, small))
             print(f"  {name} padding {padding:g}: " + ", ".join(f"{o[0].cpu_s:.1f}" for o in runs)
-                  + f" s CPU, peak {run.peak_mb:.0f} MB ({run.peak_anon_mb:.0f} MB anonymous)", flush=True)
+                  + f" s CPU, peak {run.peak_mb:.0f} MB ({run.peak_anon_mb:.0f} MB anonymous)"
+                  + (f"; first {small} particles {few.cpu_s:.1f} s CPU" if few is not None else ""), flush=True)
     return results
 
 
@@ -269,6 +316,15 @@ def report(sim: dict, results: list[Result], repeats: int = 1) -> None:
         print(f"{r.program:8} {r.padding:3g} {r.run.cpu_s:7.1f} {r.run.wall_s:7.1f} {n / r.run.cpu_s:10.1f} "
               f"{r.run.peak_mb:8.0f} {r.run.peak_anon_mb:8.0f} {thr:9.2f} {mem:9.2f} {anon:10.2f}  {'':19} "
               + " ".join(f"{at(r.fsc, f):6.3f}" for f in SHELLS) + f"  {res_at(r.fsc, ps):9.2f}{sign}")
+    if any(r.small is not None for r in results):
+        k = next(r.small_n for r in results if r.small is not None)
+        print(f"\nper particle beyond the fixed costs: (CPU({n}) - CPU({k})) / {n - k} particles")
+        print(f"{'program':8} {'pad':>3} {'fixed CPU s':>11} {'ms/particle':>11} {'part/CPU s':>10} {'ratio':>6}")
+        for r in results:
+            ours = next(x for x in results if x.program == "ours" and x.padding == r.padding)
+            m = r.marginal(n)
+            fixed = r.run.cpu_s - n / m if m == m else float("nan")
+            print(f"{r.program:8} {r.padding:3g} {fixed:11.1f} {1e3 / m:11.3f} {m:10.1f} {ours.marginal(n) / m:6.2f}")
     for r in results:
         if r.startup is not None:
             cpu0, mb0 = r.startup["startup_cpu_s"], r.startup["startup_mb"]
@@ -289,6 +345,9 @@ def main() -> int:
     ap.add_argument("--box", type=int, default=128, help="box in pixels: 128 (1.5 Å/px) or 256 (0.75 Å/px)")
     ap.add_argument("--paddings", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--repeats", type=int, default=1, help="runs per program and padding (the least CPU kept)")
+    ap.add_argument("--small", type=int, default=400,
+                    help="also run every program on this many particles, for the cost per particle beyond the "
+                         "fixed costs (0: skip)")
     ap.add_argument("--keep", help="keep the simulation and the maps in this directory")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -302,7 +361,7 @@ def main() -> int:
         t = time.perf_counter()
         sim = simulate(wd / f"sim_box{a.box}_n{a.n}", a.n, a.box)
         print(f"simulated {a.n} particles (box {a.box}) in {time.perf_counter() - t:.1f} s", flush=True)
-        report(sim, bench(sim, a.paddings, wd, a.repeats), a.repeats)
+        report(sim, bench(sim, a.paddings, wd, a.repeats, a.small), a.repeats)
     print(f"\nload after: {Path('/proc/loadavg').read_text().split()[:3]}")
     return 0
 

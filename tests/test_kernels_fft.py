@@ -82,3 +82,34 @@ def test_stack_of_2d_transforms_equals_each_image_transformed_alone():
     assert np.array_equal(f[3], fft.rfftn(x[3]))
     back = fft.irfftn(f, 80, axes=(-2, -1))
     assert back.dtype == np.float32 and np.allclose(back, x, atol=1e-5)
+
+
+def test_cropped_inverse_transform_equals_the_whole_inverse_then_the_crop():
+    """iftn_crop (axis by axis, only the kept rows) against numpy's whole float64 inverse, centred and cropped,
+    for even and odd cubes and crops; the input is left alone unless it may be overwritten."""
+    rng = np.random.default_rng(5)
+    for p, n in ((16, 8), (17, 9), (15, 15), (32, 17), (24, 24)):
+        f = fft.ftn(rng.normal(size=(p, p, p)).astype(np.float32))
+        whole = np.fft.fftshift(np.fft.irfftn(f.astype(np.complex128), s=(p, p, p), axes=(0, 1, 2)))
+        o = p // 2 - n // 2
+        ref = whole[o:o + n, o:o + n, o:o + n]
+        kept = f.copy()
+        got = fft.iftn_crop(f, p, n)
+        assert got.dtype == np.float32 and got.shape == (n, n, n)
+        assert np.abs(got - ref).max() < 1e-6 * np.abs(ref).max() * p
+        assert np.array_equal(f, kept)
+        assert np.array_equal(fft.iftn_crop(f, p, n, overwrite_input=True), got)
+
+
+def test_plane_by_plane_volume_transform_equals_numpy():
+    """ftn's plane-by-plane path (cubes of 32 and more) against numpy's float64 transform of the centred cube,
+    and iftn back, for even and odd edges."""
+    rng = np.random.default_rng(6)
+    for n in (32, 33, 48):
+        v = rng.normal(size=(n, n, n)).astype(np.float32)
+        ref = np.fft.rfftn(np.fft.ifftshift(v.astype(np.float64)))
+        got = fft.ftn(v)
+        assert got.dtype == np.complex64 and got.shape == ref.shape
+        assert np.abs(got - ref).max() < 1e-6 * np.abs(ref).max()
+        back = fft.iftn(got)
+        assert back.dtype == np.float32 and np.abs(back - v).max() < 1e-5

@@ -171,7 +171,8 @@ def reconstruct_particles(
     s_d1 += s_d2  # the full map's sums, in place: no more copies of the slab
     s_w1 += s_w2
     del s_d2, s_w2
-    gf = gather_z(world, rec.normalise_slab(s_d1, s_w1, z0, p, n, reg_full), full_shape)
+    # in place: the summed slab is not needed after its normalisation (a padded-size array less on every rank)
+    gf = gather_z(world, rec.normalise_slab(s_d1, s_w1, z0, p, n, reg_full, out=s_d1), full_shape)
     del s_d1, s_w1
     if not world.is_controller:
         return None

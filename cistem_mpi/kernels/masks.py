@@ -22,8 +22,12 @@ def cosine_edge(r: np.ndarray, radius: float, edge: float) -> np.ndarray:
     if edge <= 0:
         return (r <= radius).astype(np.float32)
     r_in = max(radius - edge / 2.0, 0.0)
-    t = np.clip((r - r_in) / edge, 0.0, 1.0)
-    return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)
+    t = (r - r_in) / np.float32(edge)
+    out = (t <= 0).astype(np.float32)
+    # the cosine only on the edge (a thin shell of a volume), the same values as on the clipped whole
+    band = (t > 0) & (t < 1)
+    out[band] = (0.5 * (1.0 + np.cos(np.pi * t[band]))).astype(np.float32)
+    return out
 
 
 def sphere_mask(n: int, radius: float, edge: float = 0.0,

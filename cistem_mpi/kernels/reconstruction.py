@@ -20,11 +20,13 @@ normalisation a few times from a flat start (:func:`wiener_regularisers`).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 
 from cistem_mpi.kernels import fft as _fft
-from cistem_mpi.kernels.filters import apply_bfactor, lowpass
+from cistem_mpi.kernels.filters import frequency_radius, lowpass_profile
 from cistem_mpi.kernels.radial import shell_average
 
 __all__ = [
@@ -64,33 +66,68 @@ def half_lookup(positions: np.ndarray, half: np.ndarray | None) -> np.ndarray | 
     return table
 
 
-@njit(cache=True)
-def _shell(iz, iy, ix, p, n):
+@njit(cache=True, inline="always")
+def _row_extent(iz, iy, p, n, nx):
+    """``kz^2 + ky^2`` of row (iz, iy) and a count of its first columns that holds every column within shell N//2.
+
+    Shells grow with ``ix``, so no column from the count on is within shell N//2 (the count errs by up
+    to two columns on the safe side; the loops test each column they visit).  The shell of column ix is
+    ``floor(sqrt(kz^2 + ky^2 + ix^2) * N / P + 0.5)``.
+    """
     kz = iz if iz < (p + 1) // 2 else iz - p
     ky = iy if iy < (p + 1) // 2 else iy - p
-    r = np.sqrt(kz * kz + ky * ky + ix * ix) * n / p
-    s = int(np.floor(r + 0.5))
-    return s if s <= n // 2 else -1
+    c = kz * kz + ky * ky
+    # shell s <= N//2  <=>  r * n / p < N//2 + 0.5  <=>  r < (N//2 + 0.5) p / n
+    rmax = (n // 2 + 0.5) * p / n
+    left = max(rmax * rmax - c, 0.0)
+    return c, min(nx, int(np.sqrt(left)) + 2)
 
 
 @njit(cache=True)
-def _sums(d1, w1, d2, w2, z0, p, n, r1, r2, out):
+def _sums(d1, w1, d2, w2, z0, p, n, r1, r2, table, out):
     nz, ny, nx = d1.shape
     for jz in range(nz):
         for iy in range(ny):
-            for ix in range(nx):
-                s = _shell(z0 + jz, iy, ix, p, n)
+            c, xend = _row_extent(z0 + jz, iy, p, n, nx)
+            for ix in range(xend):
+                s = table[c + ix * ix]
                 if s < 0:
                     continue
                 m = 1.0 if (ix == 0 or 2 * ix == p) else 2.0
-                a = d1[jz, iy, ix] / (w1[jz, iy, ix] + r1[s]) if w1[jz, iy, ix] + r1[s] > 0 else 0j
-                b = d2[jz, iy, ix] / (w2[jz, iy, ix] + r2[s]) if w2[jz, iy, ix] + r2[s] > 0 else 0j
-                out[0, s] += m * (a.real * b.real + a.imag * b.imag)
-                out[1, s] += m * (a.real * a.real + a.imag * a.imag)
-                out[2, s] += m * (b.real * b.real + b.imag * b.imag)
-                out[3, s] += m * w1[jz, iy, ix]
-                out[4, s] += m * w2[jz, iy, ix]
+                wa = w1[jz, iy, ix]
+                wb = w2[jz, iy, ix]
+                den1 = wa + r1[s]
+                den2 = wb + r2[s]
+                # a real reciprocal, not a complex division: D / den with den real
+                ia = 1.0 / den1 if den1 > 0 else 0.0
+                ib = 1.0 / den2 if den2 > 0 else 0.0
+                va = d1[jz, iy, ix]
+                vb = d2[jz, iy, ix]
+                ar = va.real * ia
+                ai = va.imag * ia
+                br = vb.real * ib
+                bi = vb.imag * ib
+                out[0, s] += m * (ar * br + ai * bi)
+                out[1, s] += m * (ar * ar + ai * ai)
+                out[2, s] += m * (br * br + bi * bi)
+                out[3, s] += m * wa
+                out[4, s] += m * wb
                 out[5, s] += m
+
+
+@functools.lru_cache(maxsize=8)
+def _shell_table(p: int, n: int) -> np.ndarray:
+    """Shell (in Fourier pixels of N) of every squared padded radius ``kz^2 + ky^2 + kx^2`` a P-grid holds.
+
+    ``floor(sqrt(I) * N / P + 0.5)``, -1 beyond N//2: the same float64 expression the kernels used per
+    voxel, looked up instead of a square root and a division per voxel.
+    """
+    i = np.arange(3 * (p // 2 + 1) ** 2 + 1, dtype=np.float64)
+    s = np.floor(np.sqrt(i) * n / p + 0.5).astype(np.int64)
+    s[s > n // 2] = -1
+    out = s.astype(np.int32)
+    out.flags.writeable = False
+    return out
 
 
 def slab_shell_sums(d1: np.ndarray, w1: np.ndarray, d2: np.ndarray, w2: np.ndarray, z0: int, padded: int,
@@ -117,7 +154,7 @@ def slab_shell_sums(d1: np.ndarray, w1: np.ndarray, d2: np.ndarray, w2: np.ndarr
     """
     out = np.zeros((6, n // 2 + 1), dtype=np.float64)
     _sums(d1, w1, d2, w2, int(z0), int(padded), int(n), np.asarray(reg1, np.float64),
-          np.asarray(reg2, np.float64), out)
+          np.asarray(reg2, np.float64), _shell_table(int(padded), int(n)), out)
     return out
 
 
@@ -153,23 +190,42 @@ def wiener_regularisers(sums: np.ndarray, fsc: np.ndarray) -> tuple[np.ndarray, 
 
 
 @njit(cache=True)
-def _normalise(d, w, z0, p, n, reg, out):
+def _normalise(d, w, z0, p, n, reg, table, out):
     nz, ny, nx = d.shape
     for jz in range(nz):
         for iy in range(ny):
-            for ix in range(nx):
-                s = _shell(z0 + jz, iy, ix, p, n)
+            c, xend = _row_extent(z0 + jz, iy, p, n, nx)
+            for ix in range(xend):
+                s = table[c + ix * ix]
                 den = w[jz, iy, ix] + (reg[s] if s >= 0 else 0.0)
                 if s < 0 or den <= 0:
                     out[jz, iy, ix] = 0j
                 else:
-                    out[jz, iy, ix] = d[jz, iy, ix] / den
+                    inv = 1.0 / den  # a real reciprocal, not a complex division
+                    v = d[jz, iy, ix]
+                    out[jz, iy, ix] = complex(v.real * inv, v.imag * inv)
+            for ix in range(xend, nx):
+                out[jz, iy, ix] = 0j
 
 
-def normalise_slab(d: np.ndarray, w: np.ndarray, z0: int, padded: int, n: int, reg: np.ndarray) -> np.ndarray:
-    """``D / (W + reg[shell])`` on a slab; zero beyond the N//2 shell (complex64)."""
-    out = np.empty(d.shape, dtype=np.complex64)
-    _normalise(d, w, int(z0), int(padded), int(n), np.asarray(reg, np.float64), out)
+def normalise_slab(d: np.ndarray, w: np.ndarray, z0: int, padded: int, n: int, reg: np.ndarray,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """``D / (W + reg[shell])`` on a slab; zero beyond the N//2 shell (complex64).
+
+    ``out`` (complex64, ``d``'s shape) receives the result; it may be ``d`` itself (each voxel is read
+    before it is written), which saves a slab-sized array when the sums are not needed afterwards.
+
+    >>> d = np.ones((4, 4, 3), np.complex64); w = np.ones((4, 4, 3), np.float32)
+    >>> g = normalise_slab(d, w, 0, 4, 4, np.ones(3), out=d)
+    >>> g is d, complex(d[0, 0, 1])
+    (True, (0.5+0j))
+    """
+    if out is None:
+        out = np.empty(d.shape, dtype=np.complex64)
+    elif out.shape != d.shape or out.dtype != np.complex64:
+        raise ValueError("normalise_slab: out must be complex64 of the slab's shape")
+    _normalise(d, w, int(z0), int(padded), int(n), np.asarray(reg, np.float64), _shell_table(int(padded), int(n)),
+               out)
     return out
 
 
@@ -206,9 +262,13 @@ def sharpen(volume: np.ndarray, pixel_size: float, bfactor: float, resolution: f
     so sharpening boosts only shells that carry signal; the low-pass removes
     what lies beyond the FSC resolution.
     """
-    out = apply_bfactor(volume, -float(bfactor), pixel_size) if bfactor else volume.astype(np.float32)
-    cutoff = min(0.5, pixel_size / resolution)
-    return lowpass(out, cutoff, edge_width).astype(np.float32)
+    v = np.asarray(volume, dtype=np.float32)
+    freq = frequency_radius(v.shape)  # cycles/pixel
+    # one round trip: the B-factor and the low-pass multiply the same transform
+    profile = lowpass_profile(freq, min(0.5, pixel_size / resolution), edge_width)
+    if bfactor:
+        profile = profile * np.exp(float(bfactor) * (freq / pixel_size) ** 2 / 4.0).astype(np.float32)
+    return _fft.iftn(_fft.ftn(v) * profile, nx=v.shape[-1]).astype(np.float32)
 
 
 def score_bfactors(scores: np.ndarray, conversion: float) -> np.ndarray:

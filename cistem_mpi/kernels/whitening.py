@@ -139,8 +139,8 @@ def noise_power_spectrum(images: np.ndarray, mask_radius: float, edge: float) ->
     keep = 1.0 - cosine_edge(r, mask_radius, edge)  # 0 on the particle, 1 in the background
     ys, xs = np.nonzero(outside)
     mean, sd = _ring_moments(imgs, ys.astype(np.int64), xs.astype(np.int64))
-    ok = sd > 0
-    x = (imgs[ok] - mean[ok, None, None].astype(np.float32)) * (keep[None] / sd[ok, None, None]).astype(np.float32)
+    ok = np.nonzero(sd > 0)[0]
+    x = _standardised_masked(imgs, ok, mean, sd, keep.astype(np.float32))
     # the power spectrum does not depend on where the origin is: a plain (uncentred) transform will do
     power = _power_sum(rfftn(x, axes=(-2, -1)))
     shell = _shell_of_pixels(n)
@@ -152,7 +152,7 @@ def noise_power_spectrum(images: np.ndarray, mask_radius: float, edge: float) ->
     s = shell.max() + 1
     num = np.bincount(shell.ravel(), (power * mult).ravel(), minlength=s)
     cnt = np.bincount(shell.ravel(), mult.ravel(), minlength=s)
-    return np.divide(num, cnt * max(int(ok.sum()), 1), out=np.zeros(s), where=cnt > 0)
+    return np.divide(num, cnt * max(len(ok), 1), out=np.zeros(s), where=cnt > 0)
 
 
 def whitening_filter(spectrum: np.ndarray, n: int) -> np.ndarray:
@@ -239,6 +239,20 @@ def whiten_images(images: np.ndarray, filt: np.ndarray, radius: float, return_sc
     imgs = np.asarray(images, dtype=np.float32)
     f = ft2(imgs - imgs.mean(axis=(-2, -1), keepdims=True)) * filt
     return background_normalise(ift2(f, nx=imgs.shape[-1]), radius, return_scale=return_scale)
+
+
+@njit(cache=True)
+def _standardised_masked(imgs, which, mean, sd, keep):
+    """``(imgs[i] - mean[i]) / sd[i] * keep`` for each i in ``which``, float32, one pass."""
+    out = np.empty((which.shape[0], imgs.shape[1], imgs.shape[2]), dtype=np.float32)
+    for j in range(which.shape[0]):
+        i = which[j]
+        mu = mean[i]
+        inv = 1.0 / sd[i]
+        for y in range(imgs.shape[1]):
+            for x in range(imgs.shape[2]):
+                out[j, y, x] = np.float32((imgs[i, y, x] - mu) * inv) * keep[y, x]
+    return out
 
 
 @njit(cache=True)
