@@ -44,6 +44,7 @@ import numpy as np
 from numba import njit
 
 from cistem_mpi.kernels import fft as _fft
+from cistem_mpi.kernels.ctf import ctf_2d_stack
 from cistem_mpi.kernels.masks import circle_mask
 
 __all__ = [
@@ -365,8 +366,6 @@ def rotated_ctfs(m: int, binned_pixel: float, optics: tuple[float, float, float]
     >>> rotated_ctfs(16, 4.0, (300.0, 2.7, 0.07), 1e4, 9e3, 0.0, 0.0, np.array([0.0, 45.0])).shape
     (2, 16, 9)
     """
-    from cistem_mpi.kernels.ctf import ctf_2d_stack
-
     voltage, cs, ac = optics
     j = len(angles)
     return ctf_2d_stack(m, binned_pixel, voltage, cs, max(ac, 0.001), np.full(j, float(df1)),

@@ -212,6 +212,9 @@ def background_normalise(images: np.ndarray, radius: float, return_scale: bool =
 def whiten_images(images: np.ndarray, filt: np.ndarray, radius: float, return_scale: bool = False):
     """Whitened, background-normalised images (real space): :func:`whitening_filter` then :func:`background_normalise`.
 
+    The step-by-step form (three FFTs per image); the reconstruction uses :func:`whitened_transforms`,
+    which gives these images' transforms with two.
+
     ``filt`` may also be one filter per image, shape (n, N, N//2+1).  With ``return_scale``, also the
     background factor of each image: ``filt * scale`` is then the image's ``1 / sigma(k)``, its noise
     amplitude per frequency in the units of the input.
