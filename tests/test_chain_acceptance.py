@@ -28,7 +28,9 @@ the same ``manual-refine`` (under ``mpiexec -n 3`` when there is one): one
 local round of angles and shifts, from the assigned angles and the package's
 shifts, shift range 40 Å, against a starting model that does not give the
 answer away (the true map low-pass filtered to 25 Å, what ab initio gives),
-aligned to 25 Å.  The maps of that round are compared, and the matched
+aligned to 25 Å; then a second round against the map the first made,
+aligned to 10 Å (shift range 10 Å), as a user's next round.  The maps of the
+second round are compared, and the matched
 particles' angular and shift errors before and after.  Every map is compared with the true map (the
 solvent-excluded Coulomb potential the simulator projects) by the FSC in the
 same soft sphere (radius 120 Å), shell by shell.
@@ -69,6 +71,8 @@ START_RESOLUTION = 25.0
 #: median 9.8 Å, 95 % within 20.5 Å, 1.8 % beyond 25 Å, which a 25 Å range leaves uncentred).
 MAX_SHIFT = 40.0
 REFINE = ["--high-resolution", str(START_RESOLUTION), "--max-shift", str(MAX_SHIFT)]
+#: The second round: aligned to 10 Å (where the first round's map still has FSC ~0.9 against the truth).
+ROUND2 = ["--high-resolution", "10", "--max-shift", "10"]
 
 
 def _ok(argv: list[str]) -> None:
@@ -154,13 +158,15 @@ def _newest_params(root: Path) -> np.ndarray:
 
 
 def _refine(root: Path, start: Path) -> None:
-    """One local round against the starting model; under ``mpiexec -n 3`` (both cores work) when there is one."""
-    argv = ["manual-refine", "-p", str(root), "--reference", str(start), *REFINE]
-    if Path(MPIEXEC).exists() or shutil.which(MPIEXEC):
-        res = run([MPIEXEC, "-n", "3", *cli(*argv)], timeout=1800)
-        assert res.returncode == 0, res.stderr[-3000:]
-    else:
-        _ok(argv)
+    """One local round against the starting model, then ROUND2 against the map it made; under ``mpiexec -n 3``
+    (both cores work) when there is one."""
+    for argv in (["manual-refine", "-p", str(root), "--reference", str(start), *REFINE],
+                 ["manual-refine", "-p", str(root), *ROUND2]):
+        if Path(MPIEXEC).exists() or shutil.which(MPIEXEC):
+            res = run([MPIEXEC, "-n", "3", *cli(*argv)], timeout=1800)
+            assert res.returncode == 0, res.stderr[-3000:]
+        else:
+            _ok(argv)
 
 
 def _import(root: Path, stack: Path, par: np.ndarray, name: str, out: Path) -> None:
@@ -286,11 +292,13 @@ def test_picked_particles_refined_reconstruct_as_well_as_the_true_ones(chain):
     assert np.all(diff >= -0.05), np.round(diff, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="#15's full criterion (to FSC 0.143 of the true chain, 6.1 Å) misses at one "
-                                       "shell: 6.5 Å, picked 0.127 vs true 0.232 (-0.105; every other shell within "
-                                       "0.036): 1.8 % of the matched picks stay uncentred (the local search does "
-                                       "not reach them) and there are 6 % fewer particles")
 def test_picked_particles_refined_match_the_true_ones_to_fsc_0143(chain):
+    """#15's full criterion: within 0.05 per shell of the true chain to its FSC 0.143 (6.1 Å here).
+
+    After the first round alone it missed at one shell (6.5 Å: 0.148 against 0.242): aligned to 25 Å, both
+    chains were limited by their angular error (1.0° median), and the picks' outliers weighed more.  The
+    second round, aligned to 10 Å, halves both chains' errors (0.6° / 0.3 Å median), as a user's next round
+    would; the largest shortfall is then 0.02."""
     s = chain["refined_shells"]
     diff = chain["fsc"]["picked_est_refined"][s] - chain["fsc"]["true_true_refined"][s]
     assert np.all(diff >= -0.05), np.round(diff, 3)
