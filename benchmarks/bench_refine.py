@@ -126,7 +126,7 @@ def _plan(job: dict, mode: str, n: int, local_res_px: float, global_step: float)
 
 
 def _worker(spec: dict) -> None:
-    from cistem_mpi.drivers.refine import align_round
+    from cistem_mpi.drivers.refine_rounds import align_round
     from cistem_mpi.drivers.runtime import get_world, guarded
     from cistem_mpi.kernels import alignment as al
     from cistem_mpi.kernels import fft

@@ -73,7 +73,7 @@ def simulate(out: Path, n: int) -> dict:
 # ---------------------------------------------------------------------- ours, in a fresh process
 def _worker(stack: str, star: str, ref: str, limit: int, out: str) -> None:
     """Refine (1 rank, no launcher) and save the refined parameters; prints the CPU spent before the call."""
-    from cistem_mpi.drivers.refine import align_round
+    from cistem_mpi.drivers.refine_rounds import align_round
     from cistem_mpi.drivers.runtime import get_world, guarded
     from cistem_mpi.io.mrc import read_mrc
     from cistem_mpi.io.star import read_star

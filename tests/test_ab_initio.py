@@ -129,7 +129,7 @@ def test_bad_input_is_refused_before_the_job_exists(small, tmp_path, case):
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ")
-    expect = {"too_few_particles": "160 particles = 160 into 4 class(es), 40 per class; at least 50",
+    expect = {"too_few_particles": "160 particles into 4 classes is 40 per class; at least 50",
               "unknown_symmetry": "--symmetry: unknown symmetry",
               "mask_too_big": "box too small for the mask", "few_percent": "10.0 % of 160 particles = 16"}[case]
     assert expect in line
@@ -208,7 +208,6 @@ ACCEPT = {"box": 48, "pixel_size": 3.0, "n_particles": 1000, "snr": 0.07, "round
 #: were fine, their alignment to the truth was not.)  Each seed costs ~3.5 min of CPU: CI runs seed 1, and
 #: AB_INITIO_ACCEPTANCE=1 runs all three.
 _RUN_ALL_SEEDS = bool(os.environ.get("AB_INITIO_ACCEPTANCE"))
-_RUN_KNOWN_FAILURES = _RUN_ALL_SEEDS
 
 
 def _accept_param(seed: int):
@@ -270,22 +269,22 @@ def test_c4_symmetry_axes_are_found(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _RUN_KNOWN_FAILURES, reason="known limitation (issue 12): K = 2 does not separate two "
-                                                    "conformations yet; AB_INITIO_ACCEPTANCE=1 runs it")
-@pytest.mark.xfail(reason="known limitation: from random class assignments both classes converge to the full "
-                          "structure (cc with the two truths 0.81/0.77 and 0.80/0.77 for box 32, 600 particles, "
-                          "nanobody removed in half of them); classify the ab initio map with auto-refine "
-                          "--classes 2 instead", strict=False)
 def test_two_conformations_give_two_maps(tmp_path):
     sim = simulate_conformations(tmp_path / "data", n_particles=600, box=BOX, pixel_size=PS, snr=0.2, seed=5,
                                  fraction_first=0.5)
     proj = _project(tmp_path, sim, PS)
-    r = _run(["ab-initio", "--classes", "2", "--rounds", "12", "--starts", "1"], proj, timeout=1800)
+    r = _run(["ab-initio", "--classes", "2", "--rounds", "12", "--starts", "1"], proj, timeout=1800,
+             ranks=3 if MPIEXEC else 1)
     assert r.returncode == 0, r.stderr
     truths = [mrcfile.read(sim.map), mrcfile.read(sim.map.with_name(sim.map.stem + "_class2.mrc"))]
     maps = [mrcfile.read(proj / f"Assets/Volumes/startup_volume_1_{c}.mrc") for c in (1, 2)]
     cc = np.array([[ai.align_to_reference(m, t)["cc"] for t in truths] for m in maps])
-    print("cc map x truth", cc.round(3))
+    assign = np.argmax(np.stack([p["occ"] for p in _startup_params(proj)], axis=1), axis=1)
+    right = max(np.mean(assign == sim.classes), np.mean(assign != sim.classes))
+    print("cc map x truth", cc.round(3), "particles in the right class", round(float(right), 3),
+          "classification", _job_result(proj)["classification"])
+    # measured on 1 rank for seeds 5-8: 71, 67, 84, 68 % right (chance: 50 %), each map nearer its own truth
+    assert right >= 0.6, right
     # some labelling: each map closer to its own truth than to the other one
     assert (cc[0, 0] > cc[0, 1] and cc[1, 1] > cc[1, 0]) or (cc[0, 1] > cc[0, 0] and cc[1, 0] > cc[1, 1])
 

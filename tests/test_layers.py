@@ -46,9 +46,11 @@ SHARED_DRIVER_MODULES = {
     # shared job steps, no command of their own: reconstruct a parameter set into half maps + FSC and
     # register the volume (reconstruct, refine, ab-initio); cut a stack from particle positions
     # (package create --from-positions); option groups several commands share; node-shared accumulators
-    # (reconstruction) and references (refinement's alignment)
+    # (reconstruction) and references (refinement's alignment); rounds of refinement and classification
+    # (manual-refine, auto-refine, ab-initio's K classes)
     "cistem_mpi.drivers.volumejob", "cistem_mpi.drivers.extraction", "cistem_mpi.drivers.options",
     "cistem_mpi.drivers.node_reconstruction", "cistem_mpi.drivers.node_references",
+    "cistem_mpi.drivers.refine_rounds",
 }
 #: SQL statement text: keywords in capitals (as every statement of the package is written), or in any case
 #: with the statement's shape (``select ... from``), so prose such as "select one of the steps" is not SQL.

@@ -68,7 +68,7 @@ def test_our_exports_state_their_contrast(tmp_path):
 
 def test_negative_reference_correlation_is_detected(tmp_path):
     from cistem_mpi.kernels import refinement as rf
-    from cistem_mpi.drivers.refine import contrast_score
+    from cistem_mpi.drivers.refine_rounds import contrast_score
 
     sim = simulated(tmp_path / "sim", n=40, box=32, pixel_size=4.0, snr=2.0)
     ref = mrcfile.read(sim.map).astype(np.float32)
