@@ -113,3 +113,23 @@ def test_plane_by_plane_volume_transform_equals_numpy():
         assert np.abs(got - ref).max() < 1e-6 * np.abs(ref).max()
         back = fft.iftn(got)
         assert back.dtype == np.float32 and np.abs(back - v).max() < 1e-5
+
+
+@pytest.mark.parametrize("ny, nx, my, mx", [(4096, 4096, 288, 288), (250, 333, 64, 48), (37, 40, 36, 40),
+                                            (64, 64, 64, 64)])
+def test_cropped_forward_transform_equals_the_kept_block_of_numpy(ny, nx, my, mx):
+    """rfft2_crop (rows in blocks, columns only for the kept kx) against numpy's float64 rfft2, cropped:
+    the micrograph binning's transform; row counts not a multiple of the block, odd widths, no crop."""
+    a = np.random.default_rng(ny + mx).normal(size=(ny, nx)).astype(np.float32)
+    f = np.fft.rfft2(a.astype(np.float64))
+    want = np.concatenate([f[: my // 2, : mx // 2 + 1], f[ny - my // 2:, : mx // 2 + 1]])
+    got = fft.rfft2_crop(a, (my, mx))
+    assert got.shape == (my, mx // 2 + 1) and got.dtype == np.complex64
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+    fft.use_pyfftw(False)
+    try:
+        assert np.allclose(fft.rfft2_crop(a, (my, mx)), got, atol=1e-5 * np.abs(want).max())
+    finally:
+        fft.use_pyfftw(True)
+    with pytest.raises(ValueError):
+        fft.rfft2_crop(a, (ny + 2, nx))
