@@ -345,3 +345,19 @@ def test_stack_writer_blocks_out_of_order_give_the_stack_and_its_statistics(tmp_
     with pytest.raises(IndexError):
         with MrcStackWriter(tmp_path / "x.mrcs", (12, 10), 3, 1.0) as w:
             w.write_block(2, data[:2])
+
+
+def test_stack_chunks_read_from_the_file_equal_the_memory_map(tmp_path):
+    """ImageStack reads index arrays and slices of a float32 stack with one preadv per run of consecutive
+    images: the same values as indexing the memory map, for runs, repeats, negative indices, steps, empty."""
+    from cistem_mpi.io.mrc import open_stack, write_mrc
+
+    a = np.random.default_rng(0).normal(size=(50, 12, 10)).astype(np.float32)
+    write_mrc(tmp_path / "s.mrcs", a, 2.0)
+    with open_stack(tmp_path / "s.mrcs", pixel_size=2.0) as st:
+        for index in (np.arange(50), np.array([5, 6, 7, 40, 3, 3, -1]), slice(10, 48, 3), slice(45, None),
+                      np.array([], dtype=np.int64), [2, 1, 0]):
+            assert np.array_equal(st[index], a[index])
+        assert st._direct_checked is True  # the direct path ran (and agreed with the map)
+        with pytest.raises(IndexError):
+            st[np.array([50])]

@@ -495,7 +495,9 @@ class ImageStack:
                 raise IndexError(f"{self.path}: image {i} out of range (stack has {n})")
             out = np.array(self._data[i], dtype=np.float32)
         else:
-            out = np.array(self._data[index], dtype=np.float32)
+            out = self._read_frames(index)
+            if out is None:
+                out = np.array(self._data[index], dtype=np.float32)
         if self.invert:  # protein white on disk (RELION's convention): dark in memory, as cisTEM expects
             np.negative(out, out=out)
         return out
@@ -504,8 +506,55 @@ class ImageStack:
         for i in range(len(self)):
             yield self[i]
 
+    def _read_frames(self, index) -> np.ndarray | None:
+        """Images ``index`` (a slice or integer array) read from the file, one ``preadv`` per run of
+        consecutive images; None when the stack is not stored that way (then the memory map is indexed).
+
+        Reading a chunk of a float32 stack this way skips the memory map's page faults and the second copy
+        (fancy index, then float32): 64 images of 128^2 in 0.5 ms instead of 3.5 ms (page cache).
+        """
+        d = self._data
+        if getattr(self, "_direct_checked", False) is None:
+            return None
+        if not (isinstance(d, np.memmap) and d.dtype == np.float32 and d.dtype.isnative
+                and d.flags.c_contiguous and d.ndim == 3 and hasattr(os, "preadv")):
+            return None
+        n = len(self)
+        if isinstance(index, slice):
+            idx = np.arange(n)[index]
+        else:
+            idx = np.asarray(index)
+            if idx.dtype == bool or idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+                return None
+            idx = np.where(idx < 0, idx + n, idx)
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                return None  # the memory map raises numpy's IndexError
+        frame = int(d.shape[1]) * int(d.shape[2]) * 4
+        out = np.empty((len(idx),) + tuple(d.shape[1:]), dtype=np.float32)
+        if not len(idx):
+            return out
+        if getattr(self, "_fd", None) is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        flat = memoryview(out).cast("B")
+        breaks = np.nonzero(np.diff(idx) != 1)[0] + 1
+        for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(idx)]):
+            want = (b - a) * frame
+            got = os.preadv(self._fd, [flat[a * frame:b * frame]], int(d.offset) + int(idx[a]) * frame)
+            if got != want:  # truncated under us: let the memory map report it
+                return None
+        if getattr(self, "_direct_checked", False) is False:
+            # once per stack: the file offset must be the memory map's (it is for every MRC mrcfile maps)
+            if not np.array_equal(out[0], d[int(idx[0])], equal_nan=True):
+                self._direct_checked = None
+                return None
+            self._direct_checked = True
+        return out
+
     def close(self) -> None:
-        """Release the memory map."""
+        """Release the memory map (and the file descriptor of direct reads)."""
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mrc is not None:
             self._data = None
             self._mrc.close()
