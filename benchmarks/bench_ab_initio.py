@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--box", type=int, default=40)
     ap.add_argument("--pixel-size", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--end-resolution", type=float, default=8.0,
+                    help="the job's last round's resolution limit (Å; the schedule ramps to it from 20 Å)")
     ap.add_argument("--no-job", action="store_true", help="only the per-particle costs and the extrapolation")
     a = ap.parse_args()
     from cistem_mpi.db.project import Project
@@ -138,7 +140,7 @@ def main() -> None:
             for ranks in (1, 2):
                 proj = base / f"p{ranks}"
                 shutil.copytree(root, proj)
-                res = _job(proj, ranks, ["--rounds", str(a.rounds), "--starts", "1"])
+                res = _job(proj, ranks, ["--rounds", str(a.rounds), "--starts", "1", "--end-resolution", str(a.end_resolution)])
                 if not res:
                     print(f"{ranks} ranks: mpiexec not found")
                     continue
