@@ -368,3 +368,30 @@ def test_bad_refine_input_is_refused_and_changes_nothing(perturbed_project, tmp_
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expect in lines[0], r.stderr
     assert db_dump(proj) == before
+
+
+def test_a_class_that_empties_is_reseeded_from_the_largest():
+    """Classification never leaves a class dead: below 10 particles (or 10 % of an equal share) it takes half
+    of the largest class's particles, with their orientations; classes with enough particles are untouched."""
+    from cistem_mpi.drivers.refine_rounds import reseed_empty_classes
+    from cistem_mpi.io.params import empty_params
+
+    rng = np.random.default_rng(0)
+    k, n = 3, 300
+    params = [empty_params(n) for _ in range(k)]
+    owner = np.r_[np.zeros(200, int), np.ones(97, int), np.full(3, 2)]  # class 3 has emptied to 3 particles
+    for c, p in enumerate(params):
+        p["occ"] = np.where(owner == c, 100.0, 0.0)
+        p["phi"], p["theta"], p["psi"] = rng.uniform(0, 360, n), rng.uniform(0, 180, n), rng.uniform(0, 360, n)
+    before = [p.copy() for p in params]
+    done = reseed_empty_classes(params, np.random.default_rng(5))
+    assert done == [(2, 0, 3)]
+    best = np.argmax(np.stack([p["occ"] for p in params], axis=1), axis=1)
+    moved = np.nonzero((owner == 0) & (best == 2))[0]
+    assert len(moved) == 100 and np.sum(best == 0) == 100 and np.sum(best == 1) == 97 and np.sum(best == 2) == 103
+    for col in ("phi", "theta", "psi"):  # the new members start from the donor's orientations
+        assert np.array_equal(params[2][col][moved], before[0][col][moved])
+    assert np.array_equal(params[1], before[1])  # a class with enough particles is left as it was
+    again = [p.copy() for p in before]
+    reseed_empty_classes(again, np.random.default_rng(5))
+    assert all(np.array_equal(x, y) for x, y in zip(again, params))  # the same seed, the same re-seed

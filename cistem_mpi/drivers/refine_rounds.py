@@ -186,6 +186,13 @@ def run_rounds(ctx: JobContext, state: dict[str, Any] | None, a: dict[str, Any],
             state["class_params"], _ = out
             moved = float(np.mean(_best_class(state["class_params"]) != before))
             turned = float(np.median(rf.angular_change(old_params[0], state["class_params"][0])))
+            if len(state["class_params"]) > 1:
+                # one seeded generator per round: a resumed job re-seeds as the uninterrupted one did
+                rng = np.random.default_rng([int(a.get("seed", 1) or 1), r])
+                for c, donor, count in reseed_empty_classes(state["class_params"], rng):
+                    state.setdefault("reseeded", []).append([r, c + 1])
+                    ctx.log.warning("round %d: class %d held %d particle(s): re-seeded with half of class %d's",
+                                    r, c + 1, count, donor + 1)
         state = world.bcast(state)
         recs = _reconstruct_classes(ctx, state, settings)
         stop = False
@@ -255,6 +262,62 @@ def _contrast_check(ctx: JobContext, plan: dict[str, Any], references: list[np.n
 def _best_class(class_params: list[np.ndarray]) -> np.ndarray:
     """Each particle's class: where its occupancy is highest."""
     return np.argmax(np.stack([p["occ"] for p in class_params], axis=1), axis=1)
+
+
+#: A class holding fewer particles than this (or than RESEED_FRACTION of an equal share) is re-seeded.
+RESEED_MIN = 10
+RESEED_FRACTION = 0.1
+
+
+def reseed_empty_classes(class_params: list[np.ndarray], rng: np.random.Generator,
+                         ) -> list[tuple[int, int, int]]:
+    """Give every class that (almost) emptied half of the largest class's particles, in place.
+
+    A class that loses its particles would otherwise stay dead (its map
+    cannot be reconstructed, and nothing ever moves back to it: a known
+    failure of classification from random starts).  The moved particles
+    take the donor's orientations and shifts and occupancy 100 in the
+    re-seeded class, 0 in the donor.
+
+    Parameters
+    ----------
+    class_params : list of numpy.ndarray
+        Per-class parameter tables (same rows, ``occ`` in percent).
+    rng : numpy.random.Generator
+        Chooses the moved particles.
+
+    Returns
+    -------
+    list of (class, donor, count before)
+        The classes re-seeded (0-based).
+
+    Examples
+    --------
+    >>> from cistem_mpi.io.params import empty_params
+    >>> a, b = empty_params(40), empty_params(40)
+    >>> a["occ"], b["occ"] = 100.0, 0.0
+    >>> reseed_empty_classes([a, b], np.random.default_rng(0))
+    [(1, 0, 0)]
+    >>> int((b["occ"] == 100).sum()), int((a["occ"] == 100).sum())
+    (20, 20)
+    """
+    k = len(class_params)
+    out = []
+    need = max(RESEED_MIN, int(RESEED_FRACTION * len(class_params[0]) / k))
+    for c in range(k):
+        best = _best_class(class_params)
+        count = int(np.sum(best == c))
+        if count >= need:
+            continue
+        donor = int(np.argmax(np.bincount(best, minlength=k)))
+        pool = np.nonzero(best == donor)[0]
+        move = rng.choice(pool, size=len(pool) // 2, replace=False)
+        for col in ("phi", "theta", "psi", "shx", "shy", "score"):
+            class_params[c][col][move] = class_params[donor][col][move]
+        for j in range(k):
+            class_params[j]["occ"][move] = 100.0 if j == c else 0.0
+        out.append((c, donor, count))
+    return out
 
 
 def _res_at(rec: Reconstruction, threshold: float) -> float:
