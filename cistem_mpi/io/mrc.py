@@ -508,7 +508,8 @@ class ImageStack:
 
     def _read_frames(self, index) -> np.ndarray | None:
         """Images ``index`` (a slice or integer array) read from the file, one ``preadv`` per run of
-        consecutive images; None when the stack is not stored that way (then the memory map is indexed).
+        consecutive images; None when the stack is not stored that way or the images are scattered (then
+        the memory map is indexed).
 
         Reading a chunk of a float32 stack this way skips the memory map's page faults and the second copy
         (fancy index, then float32): 64 images of 128^2 in 0.5 ms instead of 3.5 ms (page cache).
@@ -529,14 +530,16 @@ class ImageStack:
             idx = np.where(idx < 0, idx + n, idx)
             if idx.size and (idx.min() < 0 or idx.max() >= n):
                 return None  # the memory map raises numpy's IndexError
+        if not len(idx):
+            return np.empty((0,) + tuple(d.shape[1:]), dtype=np.float32)
+        breaks = np.nonzero(np.diff(idx) != 1)[0] + 1
+        if len(idx) < 4 * (len(breaks) + 1):
+            return None  # scattered images (runs under 4 on average): the map is as fast (measured)
         frame = int(d.shape[1]) * int(d.shape[2]) * 4
         out = np.empty((len(idx),) + tuple(d.shape[1:]), dtype=np.float32)
-        if not len(idx):
-            return out
         if getattr(self, "_fd", None) is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         flat = memoryview(out).cast("B")
-        breaks = np.nonzero(np.diff(idx) != 1)[0] + 1
         for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(idx)]):
             want = (b - a) * frame
             got = os.preadv(self._fd, [flat[a * frame:b * frame]], int(d.offset) + int(idx[a]) * frame)
