@@ -34,7 +34,7 @@ import numpy as np
 
 from cistem_mpi.db import naming
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
-from cistem_mpi.drivers.refine_rounds import run_rounds
+from cistem_mpi.drivers.refine_rounds import REC_ARRAYS, REC_SCALARS, run_rounds
 from cistem_mpi.drivers.runtime import CheckpointStore, World, map_chunks
 from cistem_mpi.drivers.runtime.checkpoint import rng_from_state, rng_state
 from cistem_mpi.drivers.volumejob import (
@@ -59,8 +59,6 @@ RESEED_MIN = 10
 #: Classification of the consensus: its first rounds search globally.
 CLASSIFY_GLOBAL_ROUNDS = 3
 
-_REC_ARRAYS = ("volume", "half1", "half2", "sharpened", "frequency", "fsc", "fsc_unmasked")
-_REC_SCALARS = ("resolution", "bfactor", "n_particles")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -529,8 +527,8 @@ def _finish_round(cfg: dict[str, Any], state: dict[str, Any], plan: dict[str, An
         state["references"] = aligned
         state["applied_symmetry"] = cfg["symmetry"]
     if last:
-        state["finished_starts"].append([{**{n: getattr(r, n) for n in _REC_ARRAYS},
-                                          **{n: getattr(r, n) for n in _REC_SCALARS}} for r in recs])
+        state["finished_starts"].append([{**{n: getattr(r, n) for n in REC_ARRAYS},
+                                          **{n: getattr(r, n) for n in REC_SCALARS}} for r in recs])
         state["final_params"] = [p.copy() for p in state["class_params"]]
         state["start"] += 1
         state["round"] = 0
@@ -606,8 +604,8 @@ def _classify(ctx: JobContext, cfg: dict[str, Any], state: dict[str, Any] | None
     recs = rounds[-1]["recs"]
     state["final_params"] = [p.copy() for p in params]
     state["assign"] = np.argmax(np.stack([p["occ"] for p in params], axis=1), axis=1)
-    state["finished_starts"][-1] = [{**{n: getattr(r, n) for n in _REC_ARRAYS},
-                                     **{n: getattr(r, n) for n in _REC_SCALARS}} for r in recs]
+    state["finished_starts"][-1] = [{**{n: getattr(r, n) for n in REC_ARRAYS},
+                                     **{n: getattr(r, n) for n in REC_SCALARS}} for r in recs]
     state["classification"] = [{"round": r["round"], "resolution": round(float(res), 3),
                                 "populations": [round(float(p["occ"].mean()), 2) for p in r["params"]]}
                                for r, res in zip(rounds, rstate["history"][1:])]
@@ -622,13 +620,13 @@ def _save(store: CheckpointStore, cfg: dict[str, Any], state: dict[str, Any]) ->
         arrays[f"ref_{c}"] = r
     for s, recs in enumerate(state["finished_starts"]):
         for c, rec in enumerate(recs):
-            for name in _REC_ARRAYS:
+            for name in REC_ARRAYS:
                 arrays[f"start_{s}_{c}_{name}"] = rec[name]
     for c, p in enumerate(state.get("final_params") or []):
         arrays[f"final_{c}"] = p
     meta = {"start": state["start"], "round": state["round"], "applied_symmetry": state["applied_symmetry"],
             "history": state["history"], "rng": state["rng"], "k": cfg["k"],
-            "finished": [[{n: float(rec[n]) for n in _REC_SCALARS} for rec in recs] for recs in state["finished_starts"]],
+            "finished": [[{n: float(rec[n]) for n in REC_SCALARS} for rec in recs] for recs in state["finished_starts"]],
             "has_final": bool(state.get("final_params")), "reseeded": state.get("reseeded", []),
             "symmetry_alignment": state.get("symmetry_alignment", [])}
     store.save(state["start"] * 100_000 + state["round"], meta, arrays=arrays)
@@ -647,7 +645,7 @@ def _restore(state: dict[str, Any], store: CheckpointStore) -> dict[str, Any]:
     state["class_params"] = [cp.arrays[f"params_{c}"].copy() for c in range(k)]
     state["references"] = [cp.arrays[f"ref_{c}"].copy() for c in range(k)]
     state["finished_starts"] = [
-        [{**{n: cp.arrays[f"start_{s}_{c}_{n}"] for n in _REC_ARRAYS}, **m["finished"][s][c]} for c in range(k)]
+        [{**{n: cp.arrays[f"start_{s}_{c}_{n}"] for n in REC_ARRAYS}, **m["finished"][s][c]} for c in range(k)]
         for s in range(len(m["finished"]))]
     if m.get("has_final"):
         state["final_params"] = [cp.arrays[f"final_{c}"].copy() for c in range(k)]
@@ -695,7 +693,7 @@ def _register(ctx: JobContext, cfg: dict[str, Any], state: dict[str, Any], timin
         run = run0 + s
         final = s == len(state["finished_starts"]) - 1
         for c, rec in enumerate(recs):
-            r = Reconstruction(**{n: rec[n] for n in _REC_ARRAYS}, resolution=float(rec["resolution"]),
+            r = Reconstruction(**{n: rec[n] for n in REC_ARRAYS}, resolution=float(rec["resolution"]),
                                bfactor=float(rec["bfactor"]), n_particles=int(rec["n_particles"]))
             fields: dict[str, Any] = {"kind": "startup", "run_number": run, "class_number": c + 1}
             if final:
