@@ -348,8 +348,8 @@ def test_stack_writer_blocks_out_of_order_give_the_stack_and_its_statistics(tmp_
 
 
 def test_stack_chunks_read_from_the_file_equal_the_memory_map(tmp_path):
-    """ImageStack reads index arrays and slices of a float32 stack with one preadv per run of consecutive
-    images: the same values as indexing the memory map, for runs, repeats, negative indices, steps, empty."""
+    """ImageStack reads runs of consecutive images of a float32 stack with one preadv each, scattered ones
+    through the memory map: the same values either way, for runs, repeats, negative indices, steps, empty."""
     from cistem_mpi.io.mrc import open_stack, write_mrc
 
     a = np.random.default_rng(0).normal(size=(50, 12, 10)).astype(np.float32)

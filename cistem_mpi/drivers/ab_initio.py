@@ -34,7 +34,7 @@ import numpy as np
 
 from cistem_mpi.db import naming
 from cistem_mpi.drivers.jobrun import JobContext, add_job_arguments, run_job
-from cistem_mpi.drivers.refine_rounds import REC_ARRAYS, REC_SCALARS, run_rounds
+from cistem_mpi.drivers.refine_rounds import REC_ARRAYS, REC_SCALARS, RESEED_FRACTION, RESEED_MIN, run_rounds
 from cistem_mpi.drivers.runtime import CheckpointStore, World, map_chunks
 from cistem_mpi.drivers.runtime.checkpoint import rng_from_state, rng_state
 from cistem_mpi.drivers.volumejob import (
@@ -52,10 +52,6 @@ from cistem_mpi.kernels.symmetry import symmetry_matrices
 
 #: Soft edge (pixels) of the particle and reference masks.
 MASK_EDGE = 3.0
-#: A class with fewer reconstructed particles than this fraction of an equal share is re-seeded.
-RESEED_FRACTION = 0.1
-#: ... and never fewer than this many particles (both half maps need some).
-RESEED_MIN = 10
 #: Classification of the consensus: its first rounds search globally.
 CLASSIFY_GLOBAL_ROUNDS = 3
 

@@ -188,7 +188,8 @@ def run_rounds(ctx: JobContext, state: dict[str, Any] | None, a: dict[str, Any],
             turned = float(np.median(rf.angular_change(old_params[0], state["class_params"][0])))
             if len(state["class_params"]) > 1:
                 # one seeded generator per round: a resumed job re-seeds as the uninterrupted one did
-                rng = np.random.default_rng([int(a.get("seed", 1) or 1), r])
+                seed = a.get("seed")
+                rng = np.random.default_rng([1 if seed is None else int(seed), r])
                 for c, donor, count in reseed_empty_classes(state["class_params"], rng):
                     state.setdefault("reseeded", []).append([r, c + 1])
                     ctx.log.warning("round %d: class %d held %d particle(s): re-seeded with half of class %d's",
@@ -264,7 +265,8 @@ def _best_class(class_params: list[np.ndarray]) -> np.ndarray:
     return np.argmax(np.stack([p["occ"] for p in class_params], axis=1), axis=1)
 
 
-#: A class holding fewer particles than this (or than RESEED_FRACTION of an equal share) is re-seeded.
+#: A class holding fewer particles than this (both half maps need some), or than this fraction of an equal
+#: share, is re-seeded (classification here, ab-initio's K maps from random assignments alike).
 RESEED_MIN = 10
 RESEED_FRACTION = 0.1
 

@@ -183,10 +183,10 @@ def fourier_resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     ny, nx = image.shape
     if tuple(shape) == (ny, nx):
         return np.asarray(image, dtype=np.float32).copy()
-    return _resample_ft(_cropped_or_full_ft(image, shape), (ny, nx), shape)
+    return _resample_ft(_cropped_or_kept_ft(image, shape), (ny, nx), shape)
 
 
-def _cropped_or_full_ft(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _cropped_or_kept_ft(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """What :func:`_resample_ft` needs of ``image``'s rfft: only the kept block when shrinking (5x faster)."""
     ny, nx = image.shape
     my, mx = shape
@@ -625,12 +625,12 @@ def find_particles(image: np.ndarray, pixel_size: float, voltage: float, cs: flo
     ny, nx = image.shape
     image = np.asarray(image, dtype=np.float32)
     # one transform of the micrograph (its kept block) serves the picking image and the raw area statistics
-    full_ft = None
+    kept_ft = None
     shape = resampled_shape((ny, nx), pixel_size, p.highest_resolution)
     if shape != (ny, nx):
-        full_ft = _cropped_or_full_ft(image, shape)
+        kept_ft = _cropped_or_kept_ft(image, shape)
     mic, px, py = prepare_micrograph(image, pixel_size, p.highest_resolution, voltage, cs, amplitude_contrast,
-                                     df1, df2, angast, pshift, image_ft=full_ft)
+                                     df1, df2, angast, pshift, image_ft=kept_ft)
     my, mx = mic.shape
     ps = 0.5 * (px + py)
     rmax = p.maximum_radius / ps
@@ -661,7 +661,7 @@ def find_particles(image: np.ndarray, pixel_size: float, voltage: float, cs: flo
     side = max(2, int(round(2 * rmax)))
     lmean, lsig = local_mean_sigma(bp, side)
     if p.area_statistics == "raw":
-        raw = (_resample_ft(full_ft, (ny, nx), (my, mx)) if full_ft is not None
+        raw = (_resample_ft(kept_ft, (ny, nx), (my, mx)) if kept_ft is not None
                else fourier_resample(image, (my, mx)))
         lmean, _ = local_mean_sigma(raw, side)
     elif p.area_statistics != "cistem":
