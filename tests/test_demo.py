@@ -10,7 +10,6 @@ true-parameter chain's), which is not met yet: see the test.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ def test_the_demo_config_is_a_valid_pipeline_config(tmp_path):
     assert cfg.get("align-movies")["output-binning"] == 2.0
     assert cfg.get("package-positions")["box"] == demo.BOX
     assert cfg.get("auto-refine")["max-rounds"] == 2
+    assert cfg.get("auto-refine")["global-rounds"] == 2  # ab-initio leaves particles that local rounds keep lost
     assert cfg.get("select-classes")["classes"] == [1, 2, 3, 4, 5]  # simulated: no junk class to drop
     text = path.read_text()
     for step in pl.STEP_NAMES:  # every step has its table, and every setting a reason above it
@@ -98,17 +98,15 @@ def test_true_positions_follow_the_alignment(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DEMO_ACCEPTANCE"),
-                    reason="the whole demo twice (~15 min on 2 cores); CI runs make demo itself. "
-                           "DEMO_ACCEPTANCE=1 runs it")
 def test_pipeline_map_against_the_true_parameter_chain(tmp_path):
     """``demo --compare``: the pipeline from simulated movies against the chain from the true positions, CTF and
-    orientations (the same aligned images), both against the true map.
+    orientations (the same aligned images), both against the true map (about 3 min on 2 cores).
 
     Issue 14's acceptance asks for the pipeline's FSC against the truth within 0.05 of the other chain's in
-    every shell.  NOT MET YET: measured (seed 2026, 6 auto-refine rounds) the pipeline's curve lies up to 0.27
-    below (FSC 0.5 at 8.1 Å against 6.4 Å; median angular error 3.7°, from 10° after ab-initio).  This test
-    holds what is reached, so that a regression shows, and prints both curves.
+    every shell.  NOT MET YET: measured (seed 2026, 2 global + 6 local auto-refine rounds) the pipeline's curve
+    lies up to 0.27 below (FSC 0.5 at 8.5 Å against 6.9 Å; median angular error 3.7°, 12° after ab-initio);
+    without the global rounds it was 0.39 below (9.0 Å, 4.3°).  This test holds what is reached, so that a
+    regression shows, and prints both curves.
     """
     root = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "cistem_mpi", "demo", "--directory", str(root), "--ranks", "3",
@@ -117,8 +115,8 @@ def test_pipeline_map_against_the_true_parameter_chain(tmp_path):
     summary = json.loads((root / "demo_summary.json").read_text())
     pipe, true = summary["results"]["pipeline"], summary["results"]["true parameters"]
     print(r.stdout[r.stdout.index("== result"):])
-    assert true["map"]["resolution_0.5"] < 7.0  # the true-parameter chain reaches ~Nyquist (6 Å)
-    assert pipe["median_angular_error"] < 5.0
+    assert true["map"]["resolution_0.5"] < 7.5  # the true-parameter chain: 6.9 Å (Nyquist 6 Å)
+    assert pipe["median_angular_error"] < 4.2  # 4.3° without the global rounds
     assert pipe["matched"] >= 0.8 * pipe["particles"]  # the picks are the particles
     assert pipe["map"]["resolution_0.5"] <= true["map"]["resolution_0.5"] * 1.35
-    assert summary["comparison"]["max_deficit"] <= 0.3, summary["comparison"]  # issue 14 asks for 0.05
+    assert summary["comparison"]["max_deficit"] <= 0.33, summary["comparison"]  # issue 14 asks for 0.05

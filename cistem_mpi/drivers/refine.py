@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--seed", type=int, default=1, help="random seed (occupancy randomisation)")
         if name == "auto-refine":
             p.add_argument("--max-rounds", type=int, default=8)
+            p.add_argument("--global-rounds", type=int, default=0,
+                           help="the first N rounds search every orientation (then local refinement of the best), "
+                                "as RELION's auto-refine starts; for starts such as ab-initio's, where some "
+                                "particles sit far from their orientation and local rounds cannot bring them back "
+                                "(default 0: local only, as cisTEM)")
         p.set_defaults(func=lambda a, n=name: run_job(_checked(a), n.replace("-", "_"), _job))
 
 
@@ -67,7 +72,7 @@ def _checked(a: argparse.Namespace) -> argparse.Namespace:
     check_options(a, symmetry=("symmetry",), at_least_one=("classes", "max_rounds"),
                   positive=("low_resolution", "high_resolution", "mask_radius", "max_shift", "angle_step",
                             "global_step"),
-                  non_negative=("focus_radius",))
+                  non_negative=("focus_radius", "global_rounds"))
     if a.high_resolution is not None and a.low_resolution is not None and a.high_resolution >= a.low_resolution:
         raise InputError("--high-resolution", f"{a.high_resolution} Å must be finer (smaller) than --low-resolution "
                                               f"{a.low_resolution} Å")
