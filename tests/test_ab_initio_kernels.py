@@ -303,3 +303,22 @@ def test_random_pick_by_direction_counts_each_direction_once_with_its_best_in_pl
     allowed = {i for i in best_of.values() if scores[i] >= cut}
     picked = {ai.search_grid(x, ctf, proj, band, 3.0, pick=u, directions=dirs)[0] for u in np.linspace(0, 0.999, 60)}
     assert picked == allowed and len(allowed) >= 1
+
+
+def test_polish_alignment_undoes_a_small_rotation_and_a_subvoxel_shift():
+    """A map turned by 2° and moved by a fraction of a voxel (``rotate_volume`` and ``ndimage.shift``, the
+    obvious way): the polish finds the same angle and brings the map back onto the original."""
+    from scipy import ndimage
+    from scipy.spatial.transform import Rotation
+
+    from cistem_mpi.kernels.masks import sphere_mask
+
+    z, y, x = np.mgrid[:32, :32, :32] - 16.0
+    ref = sum(np.exp(-((x - a) ** 2 + (y - b) ** 2 + (z - c) ** 2) / w)
+              for a, b, c, w in ((5, 0, 0, 10), (0, -6, 3, 6), (-3, 4, -5, 4), (2, 2, 6, 3))).astype(np.float32)
+    turn = Rotation.from_rotvec(np.radians([1.2, -1.5, 0.6]))
+    moved = ndimage.shift(ai.rotate_volume(ref, turn.as_matrix(), order=3), (0.35, -0.25, 0.4), order=3)
+    before = ai._ncc(moved, ref)
+    out, params = ai.polish_alignment(moved, ref, sphere_mask(32, 13, edge=3.0))
+    assert 1 - ai._ncc(out, ref) < 1e-4 < 1 - before
+    assert abs(np.linalg.norm(params[:3]) - np.degrees(turn.magnitude())) < 0.1  # the same angle back

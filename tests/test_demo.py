@@ -103,10 +103,11 @@ def test_pipeline_map_against_the_true_parameter_chain(tmp_path):
     orientations (the same aligned images), both against the true map (about 3 min on 2 cores).
 
     Issue 14's acceptance asks for the pipeline's FSC against the truth within 0.05 of the other chain's in
-    every shell.  NOT MET YET: measured (seed 2026, 2 global + 6 local auto-refine rounds) the pipeline's curve
-    lies up to 0.27 below (FSC 0.5 at 8.5 Å against 6.9 Å; median angular error 3.7°, 12° after ab-initio);
-    without the global rounds it was 0.39 below (9.0 Å, 4.3°).  This test holds what is reached, so that a
-    regression shows, and prints both curves.
+    every shell.  NOT MET YET: measured (seed 2026, 2 global + 6 local auto-refine rounds, both maps aligned
+    to the truth to a fraction of a voxel) the pipeline's curve lies up to 0.22 below (FSC 0.5 at 7.9 Å against
+    6.9 Å; median angular error 3.7°, 12° after ab-initio); without the global rounds and the sub-voxel
+    alignment it was 0.39 below (9.0 Å, 4.3°).  This test holds what is reached, so that a regression shows,
+    and prints both curves.
     """
     root = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "cistem_mpi", "demo", "--directory", str(root), "--ranks", "3",
@@ -119,4 +120,4 @@ def test_pipeline_map_against_the_true_parameter_chain(tmp_path):
     assert pipe["median_angular_error"] < 4.2  # 4.3° without the global rounds
     assert pipe["matched"] >= 0.8 * pipe["particles"]  # the picks are the particles
     assert pipe["map"]["resolution_0.5"] <= true["map"]["resolution_0.5"] * 1.35
-    assert summary["comparison"]["max_deficit"] <= 0.33, summary["comparison"]  # issue 14 asks for 0.05
+    assert summary["comparison"]["max_deficit"] <= 0.28, summary["comparison"]  # issue 14 asks for 0.05

@@ -682,6 +682,66 @@ def align_to_reference(volume: np.ndarray, reference: np.ndarray, step: float = 
     return out
 
 
+def polish_alignment(volume: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-voxel shift and small rotation taking an already aligned ``volume`` onto ``reference``.
+
+    :func:`align_to_reference` ends on whole-voxel shifts.  Comparing a map
+    from ab initio (arbitrary origin) with the true map at high resolution
+    needs better: an offset of 0.4 voxel costs the FSC most of its value near
+    Nyquist.  The six parameters (a rotation vector in degrees, which has no
+    gimbal lock at zero as Euler angles have, and a shift in voxels) maximise
+    the masked real-space correlation (Powell), with the map moved by
+    cubic-spline interpolation.
+
+    Parameters
+    ----------
+    volume, reference : (n, n, n) arrays
+        ``volume`` already within about a voxel and a few degrees of ``reference``.
+    mask : (n, n, n) array, optional
+        Weights of the correlation (a soft sphere); default all ones.
+
+    Returns
+    -------
+    moved : (n, n, n) float32
+        ``volume`` turned and shifted onto ``reference``.
+    params : (6,) float64
+        The rotation vector (x, y, z; its length is the angle in °) and the shift x, y, z (voxels) applied:
+        ``moved(p) = volume(R^T (p - c) + c + shift)`` about the box centre ``c``.
+
+    Examples
+    --------
+    >>> z, y, x = np.mgrid[:24, :24, :24] - 12.0
+    >>> blob = lambda a, b, c, w: np.exp(-((x - a) ** 2 + (y - b) ** 2 + (z - c) ** 2) / w)
+    >>> ref = blob(3, 0, 0, 8) + blob(0, -4, 2, 5) + blob(-2, 3, -3, 3)  # no symmetry: a unique fit
+    >>> off = ndimage.shift(ref, (0.3, -0.2, 0.4), order=3)
+    >>> moved, params = polish_alignment(off, ref)
+    >>> np.round(params[3:], 2).tolist()  # x, y, z: the shift back
+    [0.4, -0.2, 0.3]
+    """
+    v = np.asarray(volume, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    w = np.ones_like(ref) if mask is None else np.asarray(mask, dtype=np.float64)
+    coeffs = ndimage.spline_filter(v, order=3)  # once: every trial then interpolates without re-filtering
+    c = (v.shape[0] // 2) * np.ones(3)
+
+    from scipy.spatial.transform import Rotation
+
+    def moved(x: np.ndarray) -> np.ndarray:
+        # (x, y, z) rotation acting on [z, y, x] indices: reverse both axes of the matrix
+        r = Rotation.from_rotvec(np.radians(x[:3])).as_matrix().T[::-1, ::-1]
+        off = c - r @ c + np.asarray(x[3:])[::-1]
+        return ndimage.affine_transform(coeffs, r, offset=off, order=3, mode="constant", prefilter=False)
+
+    def cost(x: np.ndarray) -> float:
+        a, b = moved(x) * w, ref * w
+        a, b = a - a.mean(), b - b.mean()
+        return -float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+    res = optimize.minimize(cost, np.zeros(6), method="Powell", options={"xtol": 1e-3, "ftol": 1e-7})
+    return moved(res.x).astype(np.float32), np.asarray(res.x, dtype=np.float64)
+
+
 def fsc_resolution(a: np.ndarray, b: np.ndarray, pixel_size: float, threshold: float = 0.5,
                    mask_radius: float | None = None) -> float:
     """Resolution (Å) where the FSC of two maps drops below ``threshold`` (optional soft spherical mask, Å)."""
