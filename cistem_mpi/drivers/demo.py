@@ -111,7 +111,8 @@ end-resolution = 10.0
 [auto-refine]
 # from the ab-initio map, about 1 particle in 3 is more than 15° off.  Two global rounds first, then local
 # rounds: measured on the demo's data (seed 2026), local rounds alone leave 9 % beyond 15° and a median error
-# of 4.3° (FSC 0.5 against the truth at 9.0 Å); two global rounds leave 2 % and 3.7° (8.5 Å), for 85 s more
+# of 4.3° (FSC 0.5 against the truth at 9.0 Å); two global rounds leave 2 % and 3.7° (8.5 Å), for about 50 s
+# more (auto-refine 60-65 s against 14 s)
 global-rounds = 2
 max-rounds = {ar_rounds}
 mask-radius = {mask}

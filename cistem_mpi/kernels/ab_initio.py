@@ -43,6 +43,7 @@ from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage, optimize
+from scipy.spatial.transform import Rotation
 
 from cistem_mpi.kernels import alignment as al
 from cistem_mpi.kernels import fft as _fft
@@ -724,8 +725,6 @@ def polish_alignment(volume: np.ndarray, reference: np.ndarray, mask: np.ndarray
     w = np.ones_like(ref) if mask is None else np.asarray(mask, dtype=np.float64)
     coeffs = ndimage.spline_filter(v, order=3)  # once: every trial then interpolates without re-filtering
     c = (v.shape[0] // 2) * np.ones(3)
-
-    from scipy.spatial.transform import Rotation
 
     def moved(x: np.ndarray) -> np.ndarray:
         # (x, y, z) rotation acting on [z, y, x] indices: reverse both axes of the matrix
