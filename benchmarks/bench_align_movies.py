@@ -161,11 +161,11 @@ def _numpy_baseline(movie: str, gain_path: str, size: int, n: int) -> np.ndarray
     return sh
 
 
-def _child(kind: str, movie: str, gain: str, out: str, size: int, n: int, q) -> None:
+def _child(kind: str, movie: str, gain: str, out: str, size: int, n: int, threads: int, q) -> None:
     c_start = time.process_time()
     from cistem_mpi.kernels import fft as _fft
 
-    _fft.use_pyfftw(True, threads=1)
+    _fft.use_pyfftw(True, threads=threads)
     t0 = time.perf_counter()
     if kind == "numpy":
         shifts = _numpy_baseline(movie, gain, size, n)
@@ -178,14 +178,15 @@ def _child(kind: str, movie: str, gain: str, out: str, size: int, n: int, q) -> 
         shifts = r["shifts_px"]
         wall = time.perf_counter() - t0
         c1 = time.process_time()
-        again = None
-        if full:  # the same movie again in this process: the per-movie cost inside a job
-            align_one(_item(movie, gain, out, size, n, kind + "_again"), _options(full))
-            again = time.process_time() - c1
+        # the same movie again in this process: the per-movie cost inside a job
+        t1 = time.perf_counter()
+        align_one(_item(movie, gain, out, size, n, kind + "_again"), _options(full))
+        again, wall_again = time.process_time() - c1, time.perf_counter() - t1
     if kind == "numpy":
-        wall = time.perf_counter() - t0
+        wall, wall_again = time.perf_counter() - t0, None
         c1 = time.process_time()
-    q.put({"wall": wall, "cpu": c1 - c_start, "cpu_movie": again, "shifts": np.asarray(shifts).tolist(),
+    q.put({"wall": wall, "cpu": c1 - c_start, "cpu_movie": again, "wall_movie": wall_again,
+           "shifts": np.asarray(shifts).tolist(),
            "peak_gb": _peak_gb()})
 
 
@@ -234,6 +235,9 @@ def main() -> None:
     ap.add_argument("--large", action="store_true", help="4096 x 4096 x 40 instead of 2048 x 2048 x 30")
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-numpy version")
     ap.add_argument("--no-patch", action="store_true", help="skip the patch (local motion) run")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="also run ours with this many FFT threads in one process (as OMP_NUM_THREADS does) "
+                         "and print the wall time per movie against one thread")
     a = ap.parse_args()
     from cistem_mpi.kernels.motion import trajectory_rms
     from peers import find_peer, peer_status
@@ -248,11 +252,16 @@ def main() -> None:
         runs = [("full", "mrc"), ("full", "tiff")] + ([] if a.no_patch else [("patch", "tiff")])
         if not a.no_baseline:
             runs.append(("numpy", "mrc"))
+        runs = [(k, f, 1) for k, f in runs]
+        if a.threads > 1:
+            runs += [(k, f, a.threads) for k, f, _ in runs if k != "numpy"]
         res = {}
-        for kind, fmt in runs:
-            key = f"{kind}_{fmt}"
-            res[key] = r = _measure(key if kind != "numpy" else "numpy", str(movies[fmt]), str(gain), td, size, n)
+        for kind, fmt, th in runs:
+            key = f"{kind}_{fmt}" + (f"_t{th}" if th > 1 else "")
+            res[key] = r = _measure(key if kind != "numpy" else "numpy", str(movies[fmt]), str(gain), td, size, n,
+                                    th)
             r["rms_px"] = trajectory_rms(np.array(r["shifts"]), -truth)
+            r["threads"] = th
         peer = find_peer("unblur")
         print(peer_status("unblur"))
         if peer is not None:
@@ -261,11 +270,22 @@ def main() -> None:
                 r = _unblur(src, gain, d / f"unblur_{fmt}", n)
                 r["rms_px"] = trajectory_rms(np.array(r["shifts"]), -truth)
                 res[f"unblur_{fmt}"] = r
-        print(f"\n{'run':14s} {'CPU s':>7s} {'movie s':>8s} {'wall s':>7s} {'peak GB':>8s} {'RMS px':>7s}")
+        print(f"\n{'run':14s} {'CPU s':>7s} {'movie s':>8s} {'wall s':>7s} {'movie wall':>10s} {'peak GB':>8s} "
+              f"{'RMS px':>7s}")
         for k, r in res.items():
             mv = f"{r['cpu_movie']:8.1f}" if r.get("cpu_movie") is not None else f"{'':8s}"
-            print(f"{k:14s} {r['cpu']:7.1f} {mv} {r['wall']:7.1f} {r['peak_gb']:8.2f} {r['rms_px']:7.3f}")
-        print("CPU s: whole fresh process (imports, JIT cache, I/O); movie s: ours per movie after the first")
+            mw = f"{r['wall_movie']:10.1f}" if r.get("wall_movie") is not None else f"{'':10s}"
+            print(f"{k:14s} {r['cpu']:7.1f} {mv} {r['wall']:7.1f} {mw} {r['peak_gb']:8.2f} {r['rms_px']:7.3f}")
+        print("CPU s: whole fresh process (imports, JIT cache, I/O); movie s / movie wall: ours per movie after "
+              "the first")
+        for k, r in list(res.items()):
+            one = res.get(k.rsplit("_t", 1)[0])
+            if r["threads"] > 1 and one is not None and one.get("wall_movie"):
+                same = np.array_equal(np.array(r["shifts"]), np.array(one["shifts"]))
+                print(f"{k}: {r['threads']} FFT threads, wall per movie {one['wall_movie']:.1f} -> "
+                      f"{r['wall_movie']:.1f} s ({one['wall_movie'] / r['wall_movie']:.2f}x); "
+                      f"shifts {'bit-identical to' if same else 'differ from'} one thread's "
+                      f"(max {np.abs(np.array(r['shifts']) - np.array(one['shifts'])).max():.2g} px)")
         for fmt in ("mrc", "tiff"):
             ub, us = res.get(f"unblur_{fmt}"), res.get(f"full_{fmt}")
             if ub and us:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,22 @@ def test_cropped_forward_transform_equals_the_kept_block_of_numpy(ny, nx, my, mx
         fft.use_pyfftw(True)
     with pytest.raises(ValueError):
         fft.rfft2_crop(a, (ny + 2, nx))
+
+
+def test_threads_per_transform_come_from_the_environment():
+    """A rank given 2 cores (``OMP_NUM_THREADS=2``, as the job scripts export ``--cpus-per-task``) plans its
+    transforms with 2 threads; the values equal numpy's, and the same bits come back on every call."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from cistem_mpi.kernels import fft; "
+            "a = np.random.default_rng(1).normal(size=(96, 128, 64)).astype(np.float32); "
+            "x, y = fft.rfftn(a), fft.rfftn(a); ref = np.fft.rfftn(a.astype(np.float64)); "
+            "print(fft._threads, np.array_equal(x, y), float(np.abs(x - ref).max() / np.abs(ref).max()) < 1e-5)")
+    for env, want in (({"OMP_NUM_THREADS": "2"}, "2 True True"),
+                      ({"OMP_NUM_THREADS": "2", "CISTEM_MPI_FFT_THREADS": "1"}, "1 True True"),
+                      ({"OMP_NUM_THREADS": "none"}, "1 True True")):
+        base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "CISTEM_MPI_FFT_THREADS")}
+        r = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == want.split(), (env, r.stdout)

@@ -4,10 +4,14 @@ Every transform in the package goes through this module.  With pyfftw the
 plans are made by :mod:`pyfftw.builders` once per (kind, shape, dtype, axes)
 and kept in a process-wide cache; without pyfftw :mod:`scipy.fft` is used.
 
-Plans use ``FFTW_ESTIMATE`` and one thread by default: FFTW_MEASURE may pick a
-different algorithm on every run, which changes the last bits of the result,
-and cistem-mpi promises bit-for-bit repeatable output for a given input.  One
-MPI rank per core is the parallel model, so one thread per transform is right.
+Plans use ``FFTW_ESTIMATE``: FFTW_MEASURE may pick a different algorithm on
+every run, which changes the last bits of the result, and cistem-mpi promises
+bit-for-bit repeatable output for a given input.  One MPI rank per core is the
+parallel model, so one thread per transform is the default; a rank given
+several cores (Slurm's ``--cpus-per-task``, which the job scripts export as
+``OMP_NUM_THREADS``) uses that many threads per transform
+(``CISTEM_MPI_FFT_THREADS`` wins over ``OMP_NUM_THREADS``).  A given thread
+count gives the same bits on every run.
 
 Conventions
 -----------
@@ -25,6 +29,7 @@ Conventions
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Callable
 
@@ -41,13 +46,31 @@ except Exception:  # pragma: no cover - exercised only without pyfftw
 
 __all__ = [
     "rfftn", "irfftn", "fftn", "ifftn", "ft2", "ift2", "ftn", "iftn", "iftn_crop", "rfft2_crop",
-    "plan_cache_info", "clear_plan_cache", "use_pyfftw", "nice_size",
+    "plan_cache_info", "clear_plan_cache", "use_pyfftw", "nice_size", "threads_from_environment",
 ]
+
+
+
+def threads_from_environment(env: "os._Environ[str] | dict[str, str] | None" = None) -> int:
+    """Threads per transform from ``CISTEM_MPI_FFT_THREADS``, else ``OMP_NUM_THREADS``, else 1.
+
+    A value that is not a positive integer counts as unset.
+
+    >>> threads_from_environment({"OMP_NUM_THREADS": "4"}), threads_from_environment({"OMP_NUM_THREADS": "x"})
+    (4, 1)
+    """
+    env = os.environ if env is None else env
+    for key in ("CISTEM_MPI_FFT_THREADS", "OMP_NUM_THREADS"):
+        value = env.get(key, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
 
 _lock = threading.Lock()
 _cache: dict[tuple, Callable[[np.ndarray], np.ndarray]] = {}
 _use_pyfftw = _HAVE_PYFFTW
-_threads = 1
+_threads = threads_from_environment()
 
 
 def use_pyfftw(flag: bool | None = None, threads: int | None = None) -> bool:
