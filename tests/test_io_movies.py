@@ -114,6 +114,48 @@ def test_mrc_movie(tmp_path, counts):
         np.testing.assert_array_equal(m[0:6], counts.astype(np.uint16))
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.uint16, ">i2", np.float32])
+def test_mrc_frames_are_read_directly_and_equal_the_map(tmp_path, counts, dtype):
+    """Frames come from ``preadv`` into their own array (not copied out of the memory map), with the map's
+    values whatever the stored type and byte order (a big-endian int16 file written with mrcfile)."""
+    import mrcfile
+
+    f = tmp_path / "m.mrc"
+    frames = (counts.astype(np.int32) * 100 - 50).astype(dtype) if np.dtype(dtype).kind != "u" or \
+        np.dtype(dtype).itemsize > 1 else counts
+    if np.dtype(dtype).byteorder == ">":
+        with mrcfile.new(f) as m:  # mrcfile keeps the data's byte order and says so in the header
+            m.set_data(frames)
+    else:
+        write_mrc_movie(f, frames, 1.0)
+    with open_movie(f) as m:
+        got = [m[i] for i in range(len(m))] + [m[-1]]
+        assert m._direct is True  # the direct read was checked against the map and is the one used
+        for i, g in enumerate(got[:-1]):
+            assert g.dtype == m.dtype and g.flags.writeable
+            np.testing.assert_array_equal(g, frames[i])
+        np.testing.assert_array_equal(got[-1], frames[-1])
+
+
+def test_mrc_frames_read_directly_stay_out_of_resident_memory(tmp_path):
+    """Reading every frame of a 96 MB movie leaves the process's file-backed resident memory about where it
+    was (frames copied out of a memory map had put the whole movie there until the movie was closed)."""
+    def rss_file_mb() -> float:
+        with open("/proc/self/status") as fh:
+            return next(int(x.split()[1]) for x in fh if x.startswith("RssFile:")) / 1024.0
+
+    f = tmp_path / "big.mrc"
+    frame = np.arange(2048 * 2048, dtype=np.uint16).reshape(2048, 2048)
+    write_mrc_movie(f, (frame for _ in range(12)), 1.0, n_frames=12)
+    with open_movie(f) as m:
+        m[0]  # the check against the map touches one frame
+        before = rss_file_mb()
+        total = sum(int(m[i][7, 7]) for i in range(len(m)))
+        after = rss_file_mb()
+    assert total == 12 * int(frame[7, 7])
+    assert after - before < 16, (before, after)  # the movie is 96 MB
+
+
 @pytest.mark.interop  # the whole 33 MB micrograph: not bundled
 def test_real_mrc_micrograph_as_movie(shared_data):
     with open_movie(shared_data / "mrcfile/epu2.9_example.mrc") as m:

@@ -94,10 +94,20 @@ class Movie:
 
 
 class MrcMovie(Movie):
-    """MRC/MRCS movie, memory-mapped; frames in the stored dtype."""
+    """MRC/MRCS movie, memory-mapped; frames in the stored dtype.
+
+    A frame is read with one ``preadv`` into its own array (checked once per
+    movie against the memory map) rather than copied out of the map: pages
+    touched through a map count in the process's resident memory until it is
+    closed, which made every frame of a movie (252 MB at 2048² x 30 uint16, 1.3
+    GB at 4096² x 40) part of align-movies' peak.  Read this way they stay in
+    the page cache, outside the process.
+    """
 
     def __init__(self, path: str | os.PathLike, pixel_size: float | None = None):
         self.path, self._mrc, self.header, self._data = map_stack(path, "a movie")
+        self._fd: int | None = None
+        self._direct: bool | None = None  # None: not checked yet; False: read through the map
         hps = self.header.pixel_size
         if pixel_size is not None:
             self.pixel_size = resolve_pixel_size(hps, pixel_size, self.path)
@@ -113,9 +123,25 @@ class MrcMovie(Movie):
         return self._data.dtype
 
     def _read(self, i: int) -> np.ndarray:
-        return np.array(self._data[i])  # copy out of the memory map
+        d = self._data
+        if self._direct is not False and isinstance(d, np.memmap) and d.ndim == 3 and d.flags.c_contiguous \
+                and hasattr(os, "preadv"):
+            out = np.empty(d.shape[1:], dtype=d.dtype)
+            size = out.nbytes
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            if os.preadv(self._fd, [memoryview(out).cast("B")], int(d.offset) + i * size) == size:
+                if self._direct is None:  # once per movie: the offset must be the map's
+                    self._direct = bool(np.array_equal(out, d[i], equal_nan=True))
+                if self._direct:
+                    return out
+            # a short read (the file shrank under us): the map reports it
+        return np.array(d[i])  # copy out of the memory map
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mrc is not None:
             self._data = None
             self._mrc.close()
