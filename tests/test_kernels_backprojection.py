@@ -178,9 +178,10 @@ def test_pruned_slab_insertion_equals_rows_of_full_insertion_at_the_padded_nyqui
 
 @pytest.mark.parametrize("n,p", [(16, 16), (16, 24), (16, 32), (15, 15), (15, 23), (15, 31), (24, 36), (17, 34)])
 def test_fast_linear_insertion_equals_the_general_kernel_and_the_numpy_reference(n, p):
-    # padding 1, 1.5 and 2, odd N and odd P: the fast path (interior taps, direct indexing, prefetch) must give
-    # exactly the sums of the general tap-by-tap kernel -- with CTF, per-image weights, max_radius and on
-    # slabs that cut through the kx = 0 mirror rows and the padded Nyquist -- and the obvious numpy insertion
+    # padding 1, 1.5 and 2, odd N and odd P: the fast path (interior taps, direct indexing, prefetch, float32
+    # taps) must give the sums of the general tap-by-tap kernel (float64 taps) to float32 rounding -- with CTF,
+    # per-image weights, max_radius and on slabs that cut through the kx = 0 mirror rows and the padded
+    # Nyquist -- and those of the obvious numpy insertion
     import itertools
 
     from cistem_mpi.kernels.backprojection import _insert_slices
@@ -202,7 +203,11 @@ def test_fast_linear_insertion_equals_the_general_kernel_and_the_numpy_reference
             ref = new_accumulators(p, zr)
             _insert_slices(*fast, f, r, ctf, wts, zr, "linear", rad, "reconstruct", True)
             _insert_slices(*ref, f, r, ctf, wts, zr, "linear", rad, "reconstruct", False)
-            assert np.array_equal(fast[0], ref[0]) and np.array_equal(fast[1], ref[1]), (zr, rad)
+            scale_d, scale_w = max(np.abs(ref[0]).max(), 1e-30), max(ref[1].max(), 1e-30)
+            assert np.abs(fast[0] - ref[0]).max() <= 2e-6 * scale_d, (zr, rad)
+            assert np.abs(fast[1] - ref[1]).max() <= 2e-6 * scale_w, (zr, rad)
+            # and the same voxels: no tap lost or added
+            assert np.array_equal(fast[1] > 1e-5 * scale_w, ref[1] > 1e-5 * scale_w), (zr, rad)
     d, w = new_accumulators(p)
     insert_slices(d, w, f, r, ctf=c, max_radius=n / 2 - 0.5)
     d2, w2 = new_accumulators(p)
