@@ -99,6 +99,27 @@ def test_align_movies_outputs_registered_and_accurate(imported, simulated):
     assert cli.main(["align-movies", "-p", str(root)]) == 2
 
 
+def test_patch_model_that_predicts_nothing_is_not_summed(simulated, tmp_path):
+    """On these small movies the 3 x 3 patch shifts are noise: the job fits the model, finds that it does
+    not predict held-out patches, says so (shifts file, job result, log) and sums with the global
+    trajectory, so the images equal those of ``--full-frame-only`` bit for bit."""
+    sums = {}
+    for mode, extra in (("patches", ["--patches", "3", "3"]), ("global", ["--full-frame-only"])):
+        root = tmp_path / mode
+        Project.create(root).close()
+        _import(root, simulated.movies["tiff"][:1], simulated.gain)
+        assert cli.main(["align-movies", "-p", str(root), *extra]) == 0
+        row = _images(root)[0]
+        sums[mode] = [mrcfile.read(root / row[k]) for k in ("path", "unweighted_path")]
+        header = (root / row["shifts_path"]).read_text()
+        if mode == "patches":
+            res = json.loads(_job(root)["result"])
+            assert res["local_model_not_used"] == [row["name"]]
+            assert "# local_model not used" in header and "# model " not in header
+    for a, b in zip(sums["patches"], sums["global"]):
+        assert np.array_equal(a, b)
+
+
 def _expect_error(capsys, argv, *needles):
     code = cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
@@ -288,6 +309,36 @@ def test_patch_model_recovers_local_deformation(tmp_path):
     full, patch = _local_errors(al, shifts, model, truth, params, n)
     assert patch < 0.3
     assert full > 1.3 * patch
+    assert al.local_accepted and al.local_ratio < 0.3  # it predicts the patches it was not fitted to (0.11)
+
+
+@pytest.mark.slow
+def test_patch_model_of_noise_is_not_used(tmp_path):
+    """At a realistic exposure (1 e/Å² per frame, 2048² frames, 5 x 5 patches, no local motion) the patch
+    shifts are noise (about 2.5 px about the global trajectory): the model fitted to them would have put
+    1.5 px of error into a global trajectory right to 0.36 px.  Its held-out check rejects it, and the sums
+    of align-movies then use the global trajectory."""
+    n = 30
+    sim = simulate_movies(tmp_path / "s", 1, (2048, 2048), n, 1.0, 1.0, seed=1, formats=("mrc",),
+                          drift_total_px=8.0)
+    truth = np.load(sim.truth.parent / "movie_0001_truth.npz")
+    gain = read_gain(sim.gain)
+    al = MovieAligner((2048, 2048), n, 1.0, 1.0, AlignmentSettings())
+    for i, f in enumerate(open_movie(sim.movies["mrc"][0])):
+        al.add(i, prepare_frame(f, gain))
+    shifts = al.align()
+    model = al.align_local((5, 5))
+    assert not al.local_accepted and al.local_ratio > 1.0
+    xx, yy = np.meshgrid(np.arange(128, 2048, 256.0), np.arange(128, 2048, 256.0))
+    mid = n // 2
+    err_global, err_model = [], []
+    for t in range(n):
+        want = -(truth["drift_px"][t] - truth["drift_px"][mid])
+        err_global.append(np.broadcast_to(shifts[t] - want, xx.shape + (2,)))
+        err_model.append(shifts[t] + model.shift_at(xx, yy, t) - want)
+    rms = [float(np.sqrt(((e - e.mean(axis=(0, 1, 2))) ** 2).sum(-1).mean())) for e in map(np.array,
+                                                                                       (err_global, err_model))]
+    assert rms[1] > 2 * rms[0]  # the rejected model would have been much worse than none
 
 
 # ------------------------------------------------------------------ acceptance (the issue's movies)

@@ -290,7 +290,8 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
     from cistem_mpi.io.mrc import write_mrc
     from cistem_mpi.kernels.dose import DoseWeighter
     from cistem_mpi.kernels import fft as _fft
-    from cistem_mpi.kernels.motion import AlignmentSettings, MovieAligner, MovieSummer, fourier_crop_half, prepare_frame
+    from cistem_mpi.kernels.motion import (LOCAL_MODEL_MAX_RATIO, AlignmentSettings, MovieAligner, MovieSummer,
+                                           fourier_crop_half, prepare_frame)
     from cistem_mpi.kernels.spectra import tiled_power_spectrum
 
     path = Path(item["path"])
@@ -344,7 +345,10 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
             aligner.add(i, f)
         full = aligner.full
         shifts = aligner.align()
-        model = aligner.align_local(patches) if patches else None
+        fitted = aligner.align_local(patches) if patches else None
+        # the patch model is summed with only when it predicts patches it was not fitted to: at realistic
+        # exposures on small frames the patch shifts are noise, and a model of them would blur the sums
+        model = fitted if fitted is not None and aligner.local_accepted else None
         aligner.release()
 
         b = options["output_binning"]
@@ -382,10 +386,14 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
               "iterations": ",".join(str(k) for k in aligner.iterations),
               "final_filter": aligner.final_filter_used}
     pc = ps_ = coeffs = None
-    if model is not None:
-        pc, ps_, coeffs = aligner.patch_centres, aligner.patch_shifts, model.coeffs
+    if fitted is not None:
+        pc, ps_ = aligner.patch_centres, aligner.patch_shifts
+        coeffs = model.coeffs if model is not None else None
         header["patches"] = f"{patches[0]}x{patches[1]}"
-        header["model_rms_px"] = f"{model.rms_fit:.4f}"
+        header["model_rms_px"] = f"{fitted.rms_fit:.4f}"
+        header["local_model"] = (f"used (held-out ratio {aligner.local_ratio:.3f})" if model is not None else
+                                 f"not used: it does not predict held-out patches (ratio {aligner.local_ratio:.3f}"
+                                 f" >= {LOCAL_MODEL_MAX_RATIO}); the global trajectory is summed")
     write_shifts(stage(out["shifts"]), shifts, ps, header, pc, ps_, coeffs)
     save_trajectory_png(stage(out["trajectory"]), shifts * ps, title=f"{item['name']}: shifts (Å)",
                         patch_centres=pc, patch_shifts_a=None if ps_ is None else ps_ * ps,
@@ -398,7 +406,9 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
         "voltage": item["voltage"], "cs": item["cs"], "amplitude_contrast": item["amplitude_contrast"],
         "shifts_px": shifts.astype(np.float64), "total_motion": float(step.sum()),
         "early_motion": float(step[:3].sum()), "late_motion": float(step[3:].sum()),
-        "local": model is not None, "model_rms_px": None if model is None else float(model.rms_fit),
+        "local": model is not None, "model_rms_px": None if fitted is None else float(fitted.rms_fit),
+        "local_ratio": None if fitted is None else float(aligner.local_ratio),
+        "local_rejected": fitted is not None and model is None,
         "out": out, "original_pixel_size": ps,
     }
 
@@ -434,6 +444,13 @@ def register_outputs(ctx: JobContext, the_plan: ItemPlan, outcomes: list[ItemOut
                                          first["cs"], first["amplitude_contrast"], first["original_pixel_size"])
         summary["corrected_micrographs"] = _rel(str(star), root)
         summary["mean_total_motion_A"] = round(float(np.mean([o.result["total_motion"] for o in ok])), 3)
+        rejected = [o.result["name"] for o in ok if o.result.get("local_rejected")]
+        if rejected:
+            # said once per job, not per movie: on small or low-dose frames it is every movie
+            summary["local_model_not_used"] = rejected
+            ctx.log.info("%d of %d movies: the patch model did not predict held-out patches (their shifts are "
+                         "noise at this exposure and frame size); those sums use the global trajectory",
+                         len(rejected), len(ok))
     return summary
 
 
