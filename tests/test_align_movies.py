@@ -114,7 +114,7 @@ def test_patch_model_that_predicts_nothing_is_not_summed(simulated, tmp_path):
         header = (root / row["shifts_path"]).read_text()
         if mode == "patches":
             res = json.loads(_job(root)["result"])
-            assert res["local_model_not_used"] == [row["name"]]
+            assert res["local_model_not_used"] == 1 and res["local_model_not_used_first"] == [row["name"]]
             assert "# local_model not used" in header and "# model " not in header
     for a, b in zip(sums["patches"], sums["global"]):
         assert np.array_equal(a, b)

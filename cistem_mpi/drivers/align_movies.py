@@ -391,9 +391,15 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
         coeffs = model.coeffs if model is not None else None
         header["patches"] = f"{patches[0]}x{patches[1]}"
         header["model_rms_px"] = f"{fitted.rms_fit:.4f}"
-        header["local_model"] = (f"used (held-out ratio {aligner.local_ratio:.3f})" if model is not None else
-                                 f"not used: it does not predict held-out patches (ratio {aligner.local_ratio:.3f}"
-                                 f" >= {LOCAL_MODEL_MAX_RATIO}); the global trajectory is summed")
+        if model is not None:
+            header["local_model"] = f"used (held-out ratio {aligner.local_ratio:.3f})"
+        elif not np.isfinite(aligner.local_ratio):
+            header["local_model"] = ("not used: with fewer than 7 patches it cannot be checked on held-out "
+                                     "patches; the global trajectory is summed")
+        else:
+            header["local_model"] = (f"not used: it does not predict held-out patches (ratio "
+                                     f"{aligner.local_ratio:.3f} >= {LOCAL_MODEL_MAX_RATIO}); the global "
+                                     f"trajectory is summed")
     write_shifts(stage(out["shifts"]), shifts, ps, header, pc, ps_, coeffs)
     save_trajectory_png(stage(out["trajectory"]), shifts * ps, title=f"{item['name']}: shifts (Å)",
                         patch_centres=pc, patch_shifts_a=None if ps_ is None else ps_ * ps,
@@ -407,7 +413,7 @@ def align_one(item: dict, options: dict, stage=lambda p: Path(p)) -> dict[str, A
         "shifts_px": shifts.astype(np.float64), "total_motion": float(step.sum()),
         "early_motion": float(step[:3].sum()), "late_motion": float(step[3:].sum()),
         "local": model is not None, "model_rms_px": None if fitted is None else float(fitted.rms_fit),
-        "local_ratio": None if fitted is None else float(aligner.local_ratio),
+        "local_ratio": None if fitted is None or not np.isfinite(aligner.local_ratio) else float(aligner.local_ratio),
         "local_rejected": fitted is not None and model is None,
         "out": out, "original_pixel_size": ps,
     }
@@ -446,8 +452,10 @@ def register_outputs(ctx: JobContext, the_plan: ItemPlan, outcomes: list[ItemOut
         summary["mean_total_motion_A"] = round(float(np.mean([o.result["total_motion"] for o in ok])), 3)
         rejected = [o.result["name"] for o in ok if o.result.get("local_rejected")]
         if rejected:
-            # said once per job, not per movie: on small or low-dose frames it is every movie
-            summary["local_model_not_used"] = rejected
+            # said once per job, not per movie (on small or low-dose frames it is every movie), and counted:
+            # a job of thousands of movies keeps a short result
+            summary["local_model_not_used"] = len(rejected)
+            summary["local_model_not_used_first"] = rejected[:10]
             ctx.log.info("%d of %d movies: the patch model did not predict held-out patches (their shifts are "
                          "noise at this exposure and frame size); those sums use the global trajectory",
                          len(rejected), len(ok))

@@ -58,7 +58,8 @@ __all__ = [
     "AlignmentSettings", "replace_outliers", "fill_defects", "prepare_frame",
     "fourier_crop_half", "bfactor_filter", "ssnr_filter", "peak_parabola", "savitzky_golay", "polynomial_smooth",
     "phase_shift_half", "align_stack", "MovieAligner", "DeformationModel", "fit_deformation",
-    "held_out_ratio", "LOCAL_MODEL_MAX_RATIO", "patch_layout", "align_patches", "warp_add", "warp_add_pair", "MovieSummer", "trajectory_rms", "good_fft_size",
+    "held_out_ratio", "LOCAL_MODEL_MAX_RATIO",
+    "patch_layout", "align_patches", "warp_add", "warp_add_pair", "MovieSummer", "trajectory_rms", "good_fft_size",
 ]
 
 
