@@ -358,6 +358,6 @@ def test_stack_chunks_read_from_the_file_equal_the_memory_map(tmp_path):
         for index in (np.arange(50), np.array([5, 6, 7, 40, 3, 3, -1]), slice(10, 48, 3), slice(45, None),
                       np.array([], dtype=np.int64), [2, 1, 0]):
             assert np.array_equal(st[index], a[index])
-        assert st._direct_checked is True  # the direct path ran (and agreed with the map)
+        assert st._direct.checked is True  # the direct path ran (and agreed with the map)
         with pytest.raises(IndexError):
             st[np.array([50])]

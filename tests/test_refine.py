@@ -399,8 +399,9 @@ def test_a_class_that_empties_is_reseeded_from_the_largest():
 
 def test_global_rounds_bring_back_particles_that_local_rounds_leave(tmp_path):
     """``auto-refine --global-rounds 1``: a start with a fifth of the particles at random orientations (as
-    ab-initio leaves some) and the rest up to 2° off in each Euler angle.  Local rounds leave the scrambled ones where they are; one
-    global round first brings them to within 10°, and the other particles stay as good."""
+    ab-initio leaves some) and the rest up to 2° off in each Euler angle.  Local rounds leave the scrambled
+    ones where they are; one global round first brings them to within 10°, and the other particles stay as
+    good."""
     box, ps = 48, 3.0
     sim = simulate_particles(tmp_path / "data", n_particles=300, box=box, pixel_size=ps, snr=0.5, seed=21)
     rng = np.random.default_rng(8)

@@ -31,7 +31,7 @@ import tifffile
 
 from cistem_mpi.errors import InputError
 from cistem_mpi.io.eer import EER_COMPRESSIONS, EerMovie, tifffile_problems, write_eer, write_eer_events
-from cistem_mpi.io.mrc import MrcStackWriter, check_exists, map_stack, resolve_pixel_size
+from cistem_mpi.io.mrc import DirectReads, MrcStackWriter, check_exists, map_stack, resolve_pixel_size
 from cistem_mpi.io.tiff_tags import SAMPLE_FORMAT, add_sample_format
 
 __all__ = [
@@ -96,18 +96,17 @@ class Movie:
 class MrcMovie(Movie):
     """MRC/MRCS movie, memory-mapped; frames in the stored dtype.
 
-    A frame is read with one ``preadv`` into its own array (checked once per
-    movie against the memory map) rather than copied out of the map: pages
-    touched through a map count in the process's resident memory until it is
-    closed, which made every frame of a movie (252 MB at 2048² x 30 uint16, 1.3
-    GB at 4096² x 40) part of align-movies' peak.  Read this way they stay in
-    the page cache, outside the process.
+    A frame is read into its own array (:class:`~cistem_mpi.io.mrc.DirectReads`)
+    rather than copied out of the map: pages touched through a map count in the
+    process's resident memory until it is closed, which made every frame of a
+    movie (252 MB at 2048² x 30 uint16, 1.3 GB at 4096² x 40) part of
+    align-movies' peak.  Read this way they stay in the page cache, outside the
+    process.
     """
 
     def __init__(self, path: str | os.PathLike, pixel_size: float | None = None):
         self.path, self._mrc, self.header, self._data = map_stack(path, "a movie")
-        self._fd: int | None = None
-        self._direct: bool | None = None  # None: not checked yet; False: read through the map
+        self._direct = DirectReads(self.path, self._data)
         hps = self.header.pixel_size
         if pixel_size is not None:
             self.pixel_size = resolve_pixel_size(hps, pixel_size, self.path)
@@ -123,25 +122,14 @@ class MrcMovie(Movie):
         return self._data.dtype
 
     def _read(self, i: int) -> np.ndarray:
-        d = self._data
-        if self._direct is not False and isinstance(d, np.memmap) and d.ndim == 3 and d.flags.c_contiguous \
-                and hasattr(os, "preadv"):
-            out = np.empty(d.shape[1:], dtype=d.dtype)
-            size = out.nbytes
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            if os.preadv(self._fd, [memoryview(out).cast("B")], int(d.offset) + i * size) == size:
-                if self._direct is None:  # once per movie: the offset must be the map's
-                    self._direct = bool(np.array_equal(out, d[i], equal_nan=True))
-                if self._direct:
-                    return out
-            # a short read (the file shrank under us): the map reports it
-        return np.array(d[i])  # copy out of the memory map
+        if self._direct.checked is not False:
+            out = np.empty(self._data.shape[1:], dtype=self._data.dtype)
+            if self._direct.read(i, out[None]):
+                return out
+        return np.array(self._data[i])  # copy out of the memory map
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._direct.close()
         if self._mrc is not None:
             self._data = None
             self._mrc.close()

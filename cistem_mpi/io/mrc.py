@@ -46,6 +46,7 @@ from cistem_mpi.errors import DiskFull, InputError, free_bytes
 __all__ = [
     "MrcHeader",
     "ImageStack",
+    "DirectReads",
     "MrcStackWriter",
     "read_mrc",
     "read_mrc_header",
@@ -455,6 +456,56 @@ def read_mrc(path: str | os.PathLike, pixel_size: float | None = None) -> tuple[
     return out, resolve_pixel_size(hdr.pixel_size, pixel_size, p)
 
 
+class DirectReads:
+    """Images of a memory-mapped MRC stack read with ``preadv`` instead of through the map.
+
+    Reading this way skips the map's page faults and a second copy, and the pages stay in the page
+    cache instead of counting in the process's resident memory.  The first read is checked once against
+    the map (the file offset must be the map's; it is for every MRC mrcfile maps); after a mismatch or
+    when the data are not one C-contiguous memory-mapped block, :meth:`read` returns False and the
+    caller indexes the map.  Shared by :class:`ImageStack` (chunks of float32 images) and
+    :class:`cistem_mpi.io.movies.MrcMovie` (frames in their stored type).
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "s.mrc"
+    >>> write_mrc(f, np.arange(24, dtype=np.float32).reshape(2, 3, 4), 1.0)
+    >>> _, mrc, _, data = map_stack(f)
+    >>> r = DirectReads(f, data); out = np.empty((1, 3, 4), np.float32)
+    >>> r.read(1, out), float(out[0, 0, 0]), r.checked
+    (True, 12.0, True)
+    >>> r.close(); mrc.close()
+    """
+
+    def __init__(self, path: Path, data: np.ndarray):
+        self.path = path
+        self._data = data
+        self._fd: int | None = None
+        usable = (isinstance(data, np.memmap) and data.ndim == 3 and data.flags.c_contiguous
+                  and hasattr(os, "preadv"))
+        #: None: not checked yet; True: checked; False: read through the map
+        self.checked: bool | None = None if usable else False
+
+    def read(self, start: int, out: np.ndarray) -> bool:
+        """Images ``start .. start + len(out) - 1`` into ``out`` (C-contiguous, the stored dtype)."""
+        if self.checked is False:
+            return False
+        d = self._data
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        frame = int(d.shape[1]) * int(d.shape[2]) * d.dtype.itemsize
+        if os.preadv(self._fd, [memoryview(out).cast("B")], int(d.offset) + int(start) * frame) != out.nbytes:
+            return False  # truncated under us: the memory map reports it
+        if self.checked is None:
+            self.checked = bool(np.array_equal(out[0], d[int(start)], equal_nan=True))
+        return self.checked
+
+    def close(self) -> None:
+        """Close the file descriptor (the map is the caller's)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class ImageStack:
     """A memory-mapped MRC stack: images are read only when indexed.
 
@@ -469,6 +520,7 @@ class ImageStack:
     def __init__(self, path: str | os.PathLike, pixel_size: float | None = None, invert: bool = False):
         self.invert = bool(invert)
         self.path, self._mrc, self.header, self._data = map_stack(path, "an image stack")
+        self._direct = DirectReads(self.path, self._data)
         _warn_anisotropic(self.header, pixel_size)
         self.pixel_size = resolve_pixel_size(self.header.pixel_size, pixel_size, self.path)
 
@@ -515,10 +567,7 @@ class ImageStack:
         (fancy index, then float32): 64 images of 128^2 in 1.0 ms instead of 3.5 ms (page cache, measured).
         """
         d = self._data
-        if getattr(self, "_direct_checked", False) is None:
-            return None
-        if not (isinstance(d, np.memmap) and d.dtype == np.float32 and d.dtype.isnative
-                and d.flags.c_contiguous and d.ndim == 3 and hasattr(os, "preadv")):
+        if self._direct.checked is False or d.dtype != np.float32 or not d.dtype.isnative:
             return None
         n = len(self)
         if isinstance(index, slice):
@@ -535,29 +584,16 @@ class ImageStack:
         breaks = np.nonzero(np.diff(idx) != 1)[0] + 1
         if len(idx) < 4 * (len(breaks) + 1):
             return None  # scattered images (runs under 4 on average): the map is as fast (measured)
-        frame = int(d.shape[1]) * int(d.shape[2]) * 4
         out = np.empty((len(idx),) + tuple(d.shape[1:]), dtype=np.float32)
-        if getattr(self, "_fd", None) is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        flat = memoryview(out).cast("B")
         for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(idx)]):
-            want = (b - a) * frame
-            got = os.preadv(self._fd, [flat[a * frame:b * frame]], int(d.offset) + int(idx[a]) * frame)
-            if got != want:  # truncated under us: let the memory map report it
+            if not self._direct.read(int(idx[a]), out[a:b]):
                 return None
-        if getattr(self, "_direct_checked", False) is False:
-            # once per stack: the file offset must be the memory map's (it is for every MRC mrcfile maps)
-            if not np.array_equal(out[0], d[int(idx[0])], equal_nan=True):
-                self._direct_checked = None
-                return None
-            self._direct_checked = True
         return out
 
     def close(self) -> None:
         """Release the memory map (and the file descriptor of direct reads)."""
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
+        if getattr(self, "_direct", None) is not None:
+            self._direct.close()
         if self._mrc is not None:
             self._data = None
             self._mrc.close()

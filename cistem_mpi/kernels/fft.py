@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 
-
 def threads_from_environment(env: "os._Environ[str] | dict[str, str] | None" = None) -> int:
     """Threads per transform from ``CISTEM_MPI_FFT_THREADS``, else ``OMP_NUM_THREADS``, else 1.
 

@@ -1163,7 +1163,9 @@ def fit_deformation(centres: np.ndarray, patch_shifts: np.ndarray, ny: int, nx: 
 
 
 #: A local model is used only when, fitted to every other patch, it predicts the remaining patches' shifts
-#: with less than this fraction of their mean square (see :func:`held_out_ratio`).
+#: with less than this fraction of their mean square (see :func:`held_out_ratio`).  A choice between the
+#: measured cases: 0.11 where the model recovers a deformation to 0.2 px, 0.92-1.41 where it made the
+#: trajectory worse than none (2048² and 4096² movies at 1-3 e/Å² per frame).
 LOCAL_MODEL_MAX_RATIO = 0.8
 
 
